@@ -240,14 +240,16 @@ class Florence2(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write config.json and model.safetensors in Microsoft's names and layout (the tied embedding once, as
-        `language_model.model.shared.weight`, as save_pretrained fine-tunes have it). Other files are left alone."""
+        `language_model.model.shared.weight`, as save_pretrained fine-tunes have it). Other files are left alone.
+        `state_dict` replaces the module's own (e.g. the full weights gathered from a sharded model)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = weights.from_ours({k: v.detach().cpu() for k, v in self.state_dict().items()}, "microsoft")
+        state = state_dict if state_dict is not None else self.state_dict()
+        state = weights.from_ours({k: v.detach().cpu() for k, v in state.items()}, "microsoft")
         weights.save_weights(state, folder / "model.safetensors")
-        dtype = str(self.image_projection.weight.dtype).removeprefix("torch.")
+        dtype = str(state["image_projection"].dtype).removeprefix("torch.")
         weights.atomic_write(folder / "config.json", lambda tmp: self.config.to_json(tmp, torch_dtype=dtype))
 
     # ------------------------------------------------------------------------------------------- inference

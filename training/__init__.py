@@ -1,0 +1,1 @@
+"""Fine-tuning Florence-2: python -m training.docvqa."""
