@@ -162,7 +162,8 @@ class RunLock:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _alive(owner):
                     raise RuntimeError(f"{self.path.parent} is in use by another training run (pid {owner}); "
-                                       "use another --output-dir, or wait for that run to stop and --resume it")
+                                       "use another --output-dir, or wait for that run to stop and --resume it"
+                                       ) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:

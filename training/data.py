@@ -136,8 +136,7 @@ class QADataset(torch.utils.data.Dataset):
             return {"error": f"example {i}: {type(e).__name__}: {e}", "index": i}
 
     def _build(self, i: int) -> dict:
-        row, turn = self.index[i]
-        record = self.dataset[row]
+        record = self.dataset[self.index[i][0]]
         question, answers = self.text(i)
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question")

@@ -22,7 +22,8 @@ def plot_metrics(metrics: Path, out: Path) -> Path:
         ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
         ax_anls.plot([r["step"] for r in evals], [r["eval_anls"] for r in evals], "o-", color="k", label="all")
         for kind in sorted({k for r in evals for k in r.get("eval_anls_by_type", {})} - {"all"}):
-            points = [(r["step"], r["eval_anls_by_type"][kind]) for r in evals if kind in r.get("eval_anls_by_type", {})]
+            points = [(r["step"], r["eval_anls_by_type"][kind]) for r in evals
+                      if kind in r.get("eval_anls_by_type", {})]
             ax_anls.plot(*zip(*points), ".--", lw=1, label=kind)
     ax_loss.set(xlabel="step", ylabel="cross-entropy per target token", title="loss")
     ax_anls.set(xlabel="step", ylabel="ANLS", ylim=(-0.02, 1.02), title="validation ANLS")
