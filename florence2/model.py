@@ -236,8 +236,10 @@ class Florence2(nn.Module):
             state["temporal_embedding"] = cosine_table(*expected["temporal_embedding"])
         if "language_model.final_logits_bias" not in state:
             state["language_model.final_logits_bias"] = torch.zeros(expected["language_model.final_logits_bias"])
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
+        model.name_or_path = str(path_or_repo_id)  # predict() builds the checkpoint's own processor from it
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -253,7 +255,9 @@ class Florence2(nn.Module):
         weights.atomic_write(folder / "config.json", lambda tmp: self.config.to_json(tmp, torch_dtype=dtype))
 
     # ------------------------------------------------------------------------------------------- inference
-    from .generate import generate  # generation lives in generate.py; the model stays a pure Module
+    # generation and the one-call API live beside the model (generate.py, predict.py); the model stays a Module
+    from .generate import generate
+    from .predict import predict
 
 
 def _check_pixels(pixel_values: torch.Tensor, like: torch.Tensor) -> None:

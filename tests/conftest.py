@@ -53,3 +53,58 @@ def tiny_bin_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config_dict() -> dict:
     return json.loads((TINY / "config.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- training runs
+TRAIN_IMAGE_SIZE = 64
+
+
+def _tiny_model_folder(folder: Path, **text_changes) -> Path:
+    from florence2 import Florence2
+    from florence2.config import PRESETS, with_changes
+    from florence2.processor import Florence2Processor
+
+    Florence2.from_config(with_changes(PRESETS["tiny"], text=text_changes), seed=0).save_pretrained(folder)
+    Florence2Processor(image_size=TRAIN_IMAGE_SIZE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialized tiny Florence-2 with its processor (64 px images), as a checkpoint folder."""
+    return _tiny_model_folder(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model_dir(tmp_path_factory) -> Path:
+    """The same without dropout: runs that draw dropout masks differently (1 vs 2 processes) must then agree."""
+    return _tiny_model_folder(tmp_path_factory.mktemp("tiny_no_dropout"), dropout=0.0, attention_dropout=0.0,
+                              activation_dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """A few synthetic DocVQA-shaped documents saved with save_to_disk (train and validation splits)."""
+    from training.synthetic import build_dataset
+
+    folder = tmp_path_factory.mktemp("docs") / "data"
+    build_dataset(train_documents=6, validation_documents=2, seed=0).save_to_disk(str(folder))
+    return folder
+
+
+def train_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--dataset", str(data_dir), "--output-dir", str(out), "--epochs", "2",
+            "--batch-size", "4", "--lr", "1e-3", "--num-workers", "0", "--eval-limit", "4", "--max-new-tokens", "4",
+            "--num-beams", "1", "--log-every", "1", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in metrics(out) if "train_loss" in r]
+
+
+def last_checkpoint(out: Path) -> Path:
+    return sorted((out / "checkpoints").glob("step-*"))[-1]

@@ -105,6 +105,16 @@ def save_checkpoint(output_dir: Path, state: TrainingState, write_model, trainer
     return final
 
 
+def remove_leftovers(output_dir: Path) -> list[Path]:
+    """Temporary folders of saves that were interrupted (a crash or kill -9 in the middle of a save). Call only
+    while holding the run lock: then no save is in progress."""
+    leftovers = [p for folder in (output_dir, checkpoint_dir(output_dir)) if folder.is_dir()
+                 for p in folder.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
 def load_training_state(checkpoint: Path) -> TrainingState:
     path = checkpoint / "training_state.pt"
     if not path.is_file():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -91,19 +92,37 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Module:
 
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import fully_shard
 
-        for stage in model.vision_tower.blocks:
-            if any(p.requires_grad for p in stage.parameters()):
+        tower = model.vision_tower
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        if not frozen:
+            for stage in tower.blocks:
                 fully_shard(stage)
         for layer in (*model.language_model.encoder.layers, *model.language_model.decoder.layers):
             fully_shard(layer)
-        fully_shard(model)
-        # generate() and encode() call submodules directly: gather the root's own parameters around them too
-        for method in ("generate", "encode"):
-            register_fsdp_forward_method(model, method)
+        # A frozen tower is called on its own (outside the root's forward) and never updated: keep it whole
+        fully_shard(model, ignored_params=set(tower.parameters()) if frozen else None)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Every FSDP-sharded weight gathered for the duration (generation calls submodules outside their forward, e.g.
+    the cross-attention projections when it builds its cache). Nothing to do for DDP or one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

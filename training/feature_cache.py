@@ -16,6 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+@torch.no_grad()
+def frozen_features(vision_tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's output (B, h, w, C), one image at a time: an image's features then do not depend on the
+    other images of its batch (batched matmuls may round differently), so cached and recomputed features are
+    bit-identical."""
+    was_training = vision_tower.training
+    vision_tower.eval()
+    features = torch.cat([vision_tower(pixel_values[i:i + 1]) for i in range(pixel_values.shape[0])])
+    vision_tower.train(was_training)
+    return features
+
+
 class FeatureCache:
     def __init__(self, directory: Path | None = None):
         self.directory = directory
@@ -52,11 +64,7 @@ class FeatureCache:
         self.misses += len(missing)  # images computed
         self.hits += len(keys) - len(missing)  # lookups served without running the tower
         if missing:
-            first = [keys.index(k) for k in missing]
-            was_training = vision_tower.training
-            vision_tower.eval()
-            computed = vision_tower(pixel_values[first])
-            vision_tower.train(was_training)
+            computed = frozen_features(vision_tower, pixel_values[[keys.index(k) for k in missing]])
             for key, features in zip(missing, computed):
                 found[key] = features.detach().cpu()
                 self._put(key, found[key])

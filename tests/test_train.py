@@ -1,0 +1,109 @@
+"""The fine-tuning command end to end on a tiny model and a few synthetic documents."""
+
+import shutil
+
+import torch
+import torch.nn.functional as F
+
+from florence2 import Florence2
+from florence2.model import shift_right
+from florence2.processor import Florence2Processor
+from training.docvqa import main, parse_args
+
+from .conftest import TRAIN_IMAGE_SIZE as IMAGE_SIZE
+from .conftest import last_checkpoint, metrics, train_args, train_losses
+
+
+def run(model_dir, data_dir, out, *extra):
+    return main(train_args(model_dir, data_dir, out, *extra))
+
+
+def test_defaults_are_the_blog_recipe():
+    args = parse_args(["--output-dir", "x"])
+    assert (args.model, args.dataset, args.prompt_template) == (
+        "microsoft/Florence-2-base-ft", "HuggingFaceM4/DocumentVQA", "<DocVQA>{question}")
+    assert (args.lr, args.epochs, args.batch_size, args.warmup_steps, args.weight_decay) == (1e-6, 7, 6, 0, 0.0)
+    assert not args.train_vision and args.num_beams == 3 and args.max_new_tokens == 64
+
+
+def test_run_writes_metrics_plot_and_loadable_checkpoints(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(tiny_model_dir, dataset_dir, out, "--eval-before-training")
+    records = metrics(out)
+    assert {"step", "train_loss", "lr", "samples_per_s"} <= set(records[1])
+    evals = [r for r in records if "eval_anls" in r]
+    assert [r["step"] for r in evals] == [0, summary["steps"] // 2, summary["steps"]]
+    assert all(0.0 <= r["eval_anls"] <= 1.0 and r["eval_loss"] > 0 for r in evals)
+    assert (out / "metrics.png").stat().st_size > 0
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == [f"step-{summary['steps'] // 2:08d}", f"step-{summary['steps']:08d}"]
+    model = Florence2.from_pretrained(checkpoints[-1])
+    assert Florence2Processor.from_pretrained(checkpoints[-1]).image_size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert (out / "best" / "model.safetensors").is_file() and summary["best_step"] in (
+        summary["steps"] // 2, summary["steps"])
+    assert not torch.equal(model.image_projection.weight,
+                           Florence2.from_pretrained(tiny_model_dir).image_projection.weight)
+
+
+def test_frozen_vision_tower_gets_no_gradient_and_stays_identical(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, dataset_dir, out, "--max-steps", "2")  # the default: vision tower frozen
+    before = Florence2.from_pretrained(tiny_model_dir)
+    after = Florence2.from_pretrained(out / "checkpoints" / "step-00000002")
+    for (name, a), b in zip(before.vision_tower.state_dict().items(), after.vision_tower.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(before.language_model.shared.weight, after.language_model.shared.weight)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_model_dir):
+    torch.manual_seed(0)
+    model = Florence2.from_pretrained(tiny_model_dir)
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    input_ids = torch.tensor([[0, 100, 200, 2], [0, 300, 2, 1]])
+    labels = torch.tensor([[0, 500, 600, 2], [0, 700, 2, -100]])
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            return model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=(input_ids != 1).long(),
+                         labels=labels).loss
+
+    before = loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=(input_ids != 1).long(),
+          labels=labels).loss.backward()
+    optimizer.step()
+    assert loss() < before - 0.1
+
+
+def test_padded_labels_do_not_change_the_loss(tiny_model_dir):
+    model = Florence2.from_pretrained(tiny_model_dir).eval()
+    text = model.config.text
+    pixel_values = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    input_ids = torch.tensor([[0, 100, 200, 2]])
+    labels = torch.tensor([[0, 500, 600, 2]])
+    padded = torch.cat([labels, torch.full((1, 5), -100)], dim=1)
+    with torch.no_grad():
+        losses = []
+        for lab in (labels, padded):
+            logits = model(pixel_values=pixel_values, input_ids=input_ids,
+                           decoder_input_ids=shift_right(lab, text.decoder_start_token_id, text.pad_token_id)).logits
+            losses.append(F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+
+
+def test_stopped_and_resumed_gives_the_same_losses(tiny_model_dir, dataset_dir, tmp_path):
+    straight = tmp_path / "straight"
+    run(tiny_model_dir, dataset_dir, straight, "--save-every", "2", "--keep-last", "0")
+    # a run that stopped after step 2: its output folder holds only what was saved then
+    stopped = tmp_path / "stopped"
+    shutil.copytree(straight / "checkpoints" / "step-00000002", stopped / "checkpoints" / "step-00000002")
+    run(tiny_model_dir, dataset_dir, stopped, "--save-every", "2", "--keep-last", "0", "--resume", "auto")
+    expected = [loss for step, loss in train_losses(straight) if step > 2]
+    assert [loss for step, loss in train_losses(stopped)] == expected
+    final = last_checkpoint(straight).name
+    a = Florence2.from_pretrained(straight / "checkpoints" / final)
+    b = Florence2.from_pretrained(stopped / "checkpoints" / final)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
