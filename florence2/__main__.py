@@ -1,0 +1,58 @@
+"""python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    from .postprocess import TASKS
+
+    p = argparse.ArgumentParser(prog="python -m florence2", description="Run a Florence-2 task on an image.")
+    p.add_argument("image", type=Path, help="an image file")
+    p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}; or <DocVQA>, <VQA>, free text")
+    p.add_argument("--text", default=None, help="the task's input: a phrase, a question, or region loc tokens")
+    p.add_argument("--model", default="microsoft/Florence-2-base-ft", help="hub id or local checkpoint folder")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
+    p.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's (3)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
+    args = p.parse_args(argv)
+
+    import torch
+    from PIL import Image
+
+    from .draw import draw_result
+    from .model import Florence2
+
+    if not args.image.is_file():
+        p.error(f"no image file at {args.image}")
+    try:
+        with Image.open(args.image) as opened:
+            image = opened.copy()
+    except OSError as e:
+        p.error(f"cannot read {args.image} as an image: {e}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
+    options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+               if v is not None}
+    result = model.predict(image, args.task, text=args.text, **options)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        answer = result[args.task]
+        print(answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False, indent=1))
+    if args.draw is not None:
+        draw_result(image, result, args.task).save(args.draw)
+        print(f"drawn: {args.draw}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
