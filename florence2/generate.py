@@ -121,11 +121,13 @@ def generate(model, pixel_values: torch.Tensor | None = None, input_ids: torch.T
         model.train(was_training)
 
 
-def decode_step(model, tokens: torch.Tensor, position: torch.Tensor, cache, encoder_mask) -> torch.Tensor:
-    """One decoder step: tokens (N, 1) at `position` (1,) -> next-token logits (N, vocab) float32."""
+def decode_step(model, tokens: torch.Tensor, position: torch.Tensor, cache, encoder_mask,
+                logits: bool = True) -> torch.Tensor | None:
+    """One decoder step: tokens (N, 1) at `position` (1,) -> next-token logits (N, vocab) float32. With
+    logits=False only the cache is written (the LM head, a third of a step, is skipped)."""
     lm = model.language_model
     h = lm.decoder(lm.embed(tokens), None, encoder_mask, cache, position)
-    return lm.logits(h[:, -1])
+    return lm.logits(h[:, -1]) if logits else None
 
 
 class _Decoder:
@@ -141,9 +143,9 @@ class _Decoder:
             layer.v = layer.v.repeat_interleave(copies, dim=0)
         self.encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(copies, dim=0)
 
-    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, position: int, logits: bool = True) -> torch.Tensor | None:
         pos = torch.tensor([position], device=tokens.device)
-        return decode_step(self.model, tokens[:, None], pos, self.cache, self.encoder_mask)
+        return decode_step(self.model, tokens[:, None], pos, self.cache, self.encoder_mask, logits)
 
     def reorder(self, source: torch.Tensor) -> None:
         for layer in self.cache:
@@ -151,21 +153,34 @@ class _Decoder:
             layer.v.copy_(layer.v.index_select(0, source))
 
 
+def _forced_token(cur_len: int, max_length: int, opts: GenerateOptions) -> int | None:
+    """The token forced at this step (<s> first, </s> last), if any: the model's scores do not matter then."""
+    for token, at in ((opts.forced_bos_token_id, 1), (opts.forced_eos_token_id, max_length - 1)):
+        if token is not None and cur_len == at:
+            return token
+    return None
+
+
+def _forced_scores(token: int, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """What the forcing processor leaves of any scores: 0 for the forced token, -inf elsewhere."""
+    forced = torch.full((rows, vocab), -float("inf"), device=device)
+    forced[:, token] = 0.0
+    return forced
+
+
 def _process(scores: torch.Tensor, sequences: torch.Tensor, cur_len: int, max_length: int,
              opts: GenerateOptions, eos: int) -> torch.Tensor:
     """The logits processors of transformers' generate, in its order, for the options Florence-2 uses.
     scores (N, V), sequences (N, >= cur_len) of which the first cur_len tokens are filled."""
+    forced = _forced_token(cur_len, max_length, opts)
+    if forced is not None:  # the forcing processor comes last and overrides the others
+        return _forced_scores(forced, scores.shape[0], scores.shape[1], scores.device)
     n = opts.no_repeat_ngram_size
     if n and cur_len + 1 >= n:
         scores = _ban_repeated_ngrams(scores, sequences[:, :cur_len], n)
     if cur_len - 1 < opts.min_new_tokens:
         scores = scores.clone()
         scores[:, eos] = -float("inf")
-    for token, at in ((opts.forced_bos_token_id, 1), (opts.forced_eos_token_id, max_length - 1)):
-        if token is not None and cur_len == at:
-            forced = torch.full_like(scores, -float("inf"))
-            forced[:, token] = 0.0
-            scores = forced
     return scores
 
 
@@ -204,6 +219,7 @@ def _sample(model, encoder_out, encoder_mask, opts: GenerateOptions):
     """Greedy (argmax) or sampling, one sequence per row (num_return_sequences copies when sampling)."""
     text = model.config.text
     eos, pad = text.eos_token_id, text.pad_token_id
+    vocab = model.language_model.shared.weight.shape[0]
     copies = opts.num_return_sequences
     B = encoder_out.shape[0] * copies
     max_length = opts.max_new_tokens + 1
@@ -216,8 +232,12 @@ def _sample(model, encoder_out, encoder_mask, opts: GenerateOptions):
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     cur_len = 1
     while cur_len < max_length:
-        logits = decoder.step(sequences[:, cur_len - 1], cur_len - 1)
-        scores = _process(logits, sequences, cur_len, max_length, opts, eos)
+        forced = _forced_token(cur_len, max_length, opts)
+        logits = decoder.step(sequences[:, cur_len - 1], cur_len - 1, logits=forced is None)
+        if forced is None:
+            scores = _process(logits, sequences, cur_len, max_length, opts, eos)
+        else:
+            scores = _forced_scores(forced, B, vocab, device)
         if opts.do_sample:
             probs = _warp(scores, opts, min_keep=1).softmax(dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -240,6 +260,7 @@ def _beam_search(model, encoder_out, encoder_mask, opts: GenerateOptions):
     """transformers' beam search (the vectorized version of transformers >= 4.50), step for step."""
     text = model.config.text
     eos, pad = text.eos_token_id, text.pad_token_id
+    vocab = model.language_model.shared.weight.shape[0]
     batch, beams = encoder_out.shape[0], opts.num_beams
     keep = 2 * beams  # candidates per step: enough to continue num_beams beams even if all others end
     max_length = opts.max_new_tokens + 1
@@ -266,9 +287,12 @@ def _beam_search(model, encoder_out, encoder_mask, opts: GenerateOptions):
     cur_len = 1
     while True:
         flat = running.view(batch * beams, max_length)
-        logits = decoder.step(flat[:, cur_len - 1], cur_len - 1)
-        log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, max_length, opts, eos)
-        vocab = log_probs.shape[-1]
+        forced = _forced_token(cur_len, max_length, opts)
+        logits = decoder.step(flat[:, cur_len - 1], cur_len - 1, logits=forced is None)
+        if forced is None:
+            log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, max_length, opts, eos)
+        else:
+            log_probs = _forced_scores(forced, batch * beams, vocab, device)
         processed = log_probs.view(batch, beams * vocab)
         accumulated = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         if opts.do_sample:

@@ -1,0 +1,526 @@
+"""Benchmark this package's Florence-2 against transformers' own (`Florence2ForConditionalGeneration`).
+
+Same config (base, or large with --size large), same random weights (ours converted with `interop.to_layout`), same
+inputs, both implementations in one run:
+
+  forward   inference forward pass (eval, no_grad), batch 2; its FLOPs counted with FlopCounterMode, and the
+            achieved FLOP/s as a fraction of this machine's fp32 matmul peak (measured in the run: large sgemm)
+  train     full fine-tuning step: forward, backward, AdamW; batch 2
+  frozen    the same with the vision tower frozen (requires_grad False, eval mode: the tower runs without a graph)
+  cached    ours only: the frozen step fed from DaViT features computed beforehand, as training/feature_cache.py
+            does for images already seen; transformers has no such cache, its column shows the frozen step
+  greedy    generation of exactly --new-tokens tokens (min = max), image encoding included; batch 1
+  beam      the same with 3 beams
+
+Every measurement runs in a fresh subprocess (one per implementation and group of tasks), so that the peak
+resident memory of one cannot leak into the other: each task resets the kernel's high-water mark
+(/proc/self/clear_refs) after its warm-up and reads VmHWM after its timed repetitions. That is the whole process:
+weights, optimizer state, activations, library code, allocator slack; what the OS has to provide. Both sides hold
+the same weights, so the difference is the implementation's working memory (and transformers' larger import).
+On CUDA the peak is torch.cuda.max_memory_allocated instead.
+
+Timing: implementations alternate (ours, transformers, then transformers, ours, ...), every task is warmed up once
+per process, and the table shows medians. Other processes on the machine make CPU timings noisy (two busy cores
+are enough to double a step): before each timed repetition the child waits (a bounded time) for the machine to be
+idle, and it records the CPU time other processes took during the repetition; a repetition where they took more
+than a quarter of a core is repeated once. The JSON keeps every sample.
+
+The process environment is the same for both (the children inherit it). With --tuned-malloc both children get
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ so that glibc keeps freed memory instead of returning
+it to the OS and taking page faults on every new large tensor; the default run uses the plain environment.
+
+    python tools/benchmark.py                      # base, CPU, about 8 minutes on 2 cores
+    python tools/benchmark.py --quick --json out.json
+    python tools/benchmark.py --size large --tasks forward,beam
+    python tools/benchmark.py --device cuda --dtype bfloat16 --compile   # CUDA: bf16 autocast, compiled towers
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ("ours", "transformers")
+TASKS = ("forward", "train", "frozen", "cached", "greedy", "beam")
+GROUPS = {"forward": "infer", "greedy": "infer", "beam": "infer", "train": "train", "frozen": "frozen",
+          "cached": "frozen"}  # tasks that share a child process
+GOALS = {"train": 0.75, "frozen": 0.75, "beam": 0.6, "memory": 0.9, "peak_fraction": 0.8}
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                "MALLOC_TOP_PAD_": "1073741824"}
+
+
+# ------------------------------------------------------------------------------------------- child: models, inputs
+def build_models(impl: str, args):
+    """Our model from a seeded random init; transformers' gets the same tensors through interop.to_layout."""
+    sys.path.insert(0, str(ROOT))
+    from florence2 import Florence2, interop
+    from florence2.config import PRESETS
+
+    config = PRESETS[args.size]
+    ours = Florence2.from_config(config, seed=0)
+    if impl == "ours":
+        return config, ours.to(args.device)
+    from transformers import Florence2Config as HFConfig
+    from transformers import Florence2ForConditionalGeneration
+
+    hf_config = HFConfig.from_dict(interop.to_transformers_config(config))
+    theirs = Florence2ForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
+    state = interop.to_layout(ours.state_dict(), "transformers", config)
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    tied = {"model.language_model.encoder.embed_tokens.weight", "model.language_model.decoder.embed_tokens.weight",
+            "lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")
+    del ours, state
+    return config, theirs.to(args.device)
+
+
+def make_inputs(config, args, batch: int):
+    """Random pixels, a 10-token prompt (BOS ... EOS) and 32-token labels; transformers' prompt gets one <image> id
+    per image token in front, as its processor makes it."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    vocab = config.text.vocab_size
+    pixels = torch.randn(batch, 3, args.image_size, args.image_size, generator=g)
+    prompt = torch.randint(3, vocab, (batch, 10), generator=g)
+    prompt[:, 0], prompt[:, -1] = config.text.bos_token_id, config.text.eos_token_id
+    labels = torch.randint(3, vocab, (batch, 32), generator=g)
+    labels[:, -1] = config.text.eos_token_id
+    image_tokens = torch.full((batch, config.image_tokens(args.image_size)), vocab)  # transformers' <image> id
+    dev = args.device
+    return {"pixels": pixels.to(dev), "labels": labels.to(dev),
+            "ours": prompt.to(dev), "transformers": torch.cat([image_tokens, prompt], dim=1).to(dev)}
+
+
+def autocast(args):
+    import torch
+
+    enabled = args.dtype != "float32"
+    return torch.autocast(args.device, dtype=getattr(torch, args.dtype), enabled=enabled)
+
+
+def vision_tower(impl, model):
+    return model.vision_tower if impl == "ours" else model.model.vision_tower
+
+
+# ----------------------------------------------------------------------------------------------- child: the tasks
+def forward_fn(impl, model, inputs, args):
+    import torch
+
+    model.eval()
+    ids = inputs[impl]
+
+    def run():
+        with torch.no_grad(), autocast(args):
+            return model(pixel_values=inputs["pixels"], input_ids=ids, labels=inputs["labels"]).logits
+    return run
+
+
+def train_fn(impl, model, inputs, args, frozen: bool, cached: bool = False):
+    import torch
+
+    tower = vision_tower(impl, model)
+    model.train()
+    if frozen:
+        tower.eval()  # frozen means deterministic too, as our trainer does: no stochastic depth
+        tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW: what transformers' Trainer uses by default with torch >= 2.8; the same for both sides
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    image = {"pixel_values": inputs["pixels"]}
+    if cached:  # what FeatureCache hands the model for images it has seen: the tower's output, computed once
+        with torch.no_grad(), autocast(args):
+            image = {"vision_features": tower(inputs["pixels"]).float()}
+
+    def run():
+        with autocast(args):
+            loss = model(input_ids=inputs[impl], labels=inputs["labels"], **image).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return run
+
+
+def generate_fn(impl, model, inputs, args, beams: int):
+    import torch
+
+    model.eval()
+    pixels, ids = inputs["pixels"][:1], inputs[impl][:1]
+    n = args.new_tokens
+    options = dict(max_new_tokens=n, min_new_tokens=n, num_beams=beams, no_repeat_ngram_size=3,
+                   early_stopping=True, forced_bos_token_id=0, forced_eos_token_id=2)
+    if impl == "transformers":  # its generate does not take these from the text config: pass them all
+        options.update(do_sample=False, decoder_start_token_id=2, length_penalty=1.0)
+
+    def run():
+        with torch.no_grad(), autocast(args):
+            out = model.generate(pixel_values=pixels, input_ids=ids, **options)
+        if out.shape[1] != n + 1:
+            raise RuntimeError(f"{impl} generated {out.shape[1] - 1} tokens instead of {n}")
+        return out
+    return run
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call, as FlopCounterMode counts them (matmuls, convolutions, attention), with the CPU flash
+    attention kernel counted like the CUDA ones (FlopCounterMode has no formula for it)."""
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    sdpa = {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(args, reps: int = 8) -> dict:
+    """fp32 (or --dtype) GEMM throughput of a large square matmul: the hardware's practical peak."""
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    n = 4096 if args.device == "cpu" else 8192
+    a = torch.randn(n, n, device=args.device, dtype=dtype)
+    b = torch.randn(n, n, device=args.device, dtype=dtype)
+    rates = []
+    for i in range(reps + 2):
+        start = clock(args)
+        a @ b
+        seconds = clock(args) - start
+        if i >= 2:
+            rates.append(2 * n**3 / seconds / 1e9)
+    return {"n": n, "gflops": rates, "best": max(rates), "median": statistics.median(rates)}
+
+
+# ------------------------------------------------------------------------------------ child: timing and memory
+def clock(args) -> float:
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, total) seconds of all CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / hz, sum(fields) / hz
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def others_cpu(fn):
+    """Run fn; return (its result, CPU seconds other processes used meanwhile, as a fraction of one core)."""
+    if not Path("/proc/stat").exists():
+        return fn(), 0.0
+    busy0, own0, wall0 = _cpu_busy()[0], _own_cpu(), time.perf_counter()
+    result = fn()
+    busy1, own1, wall1 = _cpu_busy()[0], _own_cpu(), time.perf_counter()
+    return result, max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9)
+
+
+def wait_for_idle(max_wait: float) -> None:
+    """Wait (at most max_wait seconds) until other processes use less than a tenth of a core."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        _, share = others_cpu(lambda: time.sleep(0.3))
+        if share < 0.1:
+            return
+
+
+def reset_peak_memory(args) -> None:
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+
+
+def peak_memory_mb(args) -> float:
+    if args.device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def measure(fn, args, reps: int) -> dict:
+    fn()  # warm-up: kernels chosen, optimizer state and allocator pools created
+    gc.collect()
+    reset_peak_memory(args)
+    times, others = [], []
+    retries = 1
+    while len(times) < reps:
+        wait_for_idle(args.max_idle_wait)
+        start = clock(args)
+        _, share = others_cpu(fn)
+        seconds = clock(args) - start
+        if share > 0.25 and retries > 0:  # disturbed: once more
+            retries -= 1
+            continue
+        times.append(seconds)
+        others.append(round(share, 3))
+    return {"times": times, "others_cpu": others, "peak_mb": peak_memory_mb(args)}
+
+
+def run_child(impl: str, group: str, args) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"impl": impl, "group": group, "threads": torch.get_num_threads()}
+    if group == "peak":
+        result["peak"] = matmul_peak(args)
+        return result
+    config, model = build_models(impl, args)
+    if args.compile:
+        vision_tower(impl, model).compile()
+    tasks = [t for t in args.tasks if GROUPS[t] == group and not (t == "cached" and impl != "ours")]
+    batch = 1 if group == "infer" and set(tasks) <= {"greedy", "beam"} else args.batch
+    inputs = make_inputs(config, args, batch)
+    for task in tasks:
+        if task == "forward":
+            fn = forward_fn(impl, model, inputs, args)
+            result["forward_flops"] = count_flops(fn)
+        elif task in ("train", "frozen", "cached"):
+            fn = train_fn(impl, model, inputs, args, frozen=task != "train", cached=task == "cached")
+        else:
+            fn = generate_fn(impl, model, inputs, args, beams=1 if task == "greedy" else 3)
+        result[task] = measure(fn, args, args.reps)
+        if task in ("greedy", "beam"):  # the parent checks that both sides generated the same
+            result[task]["sequences"] = fn().tolist()
+        del fn
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- parent: the run
+def spawn(impl: str, group: str, args) -> dict:
+    if args.in_process:
+        return run_child(impl, group, args)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, group]
+    for name in ("size", "device", "dtype", "image_size", "batch", "new_tokens", "reps", "threads",
+                 "max_idle_wait"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    cmd += ["--tasks", ",".join(args.tasks)] + (["--compile"] if args.compile else [])
+    env = dict(os.environ, **(TUNED_MALLOC if args.tuned_malloc else {}))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl}/{group} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    started = time.perf_counter()
+    groups = list(dict.fromkeys(GROUPS[t] for t in args.tasks))
+    samples = {impl: {} for impl in IMPLS}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
+    report = {"machine": machine(args), "args": settings,
+              "samples": samples}
+    if "forward" in args.tasks:
+        report["peak"] = spawn("ours", "peak", args)["peak"]
+        log(args, f"matmul peak: {report['peak']['best']:.1f} GFLOP/s (best of {len(report['peak']['gflops'])})")
+    for r in range(args.rounds):
+        for group in groups:
+            order = IMPLS if r % 2 == 0 else IMPLS[::-1]
+            for impl in order:
+                result = spawn(impl, group, args)
+                for task in args.tasks:
+                    if task in result:
+                        entry = samples[impl].setdefault(task, {"times": [], "others_cpu": [], "peak_mb": []})
+                        entry["times"] += result[task]["times"]
+                        entry["others_cpu"] += result[task]["others_cpu"]
+                        entry["peak_mb"].append(result[task]["peak_mb"])
+                for task in ("greedy", "beam"):
+                    if task in result:
+                        report.setdefault("sequences", {}).setdefault(task, {})[impl] = result[task]["sequences"]
+                if "forward_flops" in result:
+                    report.setdefault("forward_flops", {})[impl] = result["forward_flops"]
+                log(args, f"round {r + 1}/{args.rounds} {group:6s} {impl:12s} "
+                          + " ".join(f"{t}={statistics.median(result[t]['times']):.2f}s"
+                                     for t in args.tasks if t in result)
+                          + f"  ({time.perf_counter() - started:.0f} s)")
+    report["summary"] = summarize(report, args)
+    report["wall_seconds"] = time.perf_counter() - started
+    return report
+
+
+def summarize(report: dict, args) -> list[dict]:
+    rows = []
+    s = report["samples"]
+
+    def median(impl, task, key="times"):
+        entry = s[impl].get(task)
+        return statistics.median(entry[key]) if entry else None
+
+    labels = {"forward": f"forward, batch {args.batch} (s)", "train": f"training step, batch {args.batch} (s)",
+              "frozen": "frozen-vision step (s)", "cached": "frozen step, cached features (s) [1]",
+              "greedy": f"greedy, {args.new_tokens} tokens (s)", "beam": f"beam 3, {args.new_tokens} tokens (s)"}
+    for task in args.tasks:
+        ours = median("ours", task)
+        theirs = median("transformers", task if task != "cached" else "frozen")
+        rows.append(_row(labels[task], ours, theirs, GOALS.get(task), "time"))
+    for task in args.tasks:
+        ours, theirs = median("ours", task, "peak_mb"), median("transformers", task, "peak_mb")
+        if task == "cached":
+            theirs = median("transformers", "frozen", "peak_mb")
+        goal = GOALS["memory"] if task == "train" else None
+        rows.append(_row(f"peak memory, {task} (MB)", ours, theirs, goal, "memory"))
+    if "forward" in args.tasks and report.get("forward_flops"):
+        peak = report["peak"]["best"]
+        # The model's FLOPs as transformers' literal implementation counts them, for both: ours skips some work
+        # in inference (channel attention folded into one matrix), which must not count as speed.
+        counted = report["forward_flops"]
+        nominal = counted.get("transformers", counted.get("ours"))
+        for impl in IMPLS:
+            flops = nominal if impl in counted else None
+            t = median(impl, "forward")
+            if flops and t:
+                report.setdefault("forward_rate", {})[impl] = {
+                    "gflops": flops / 1e9, "counted_gflops": counted[impl] / 1e9, "gflop_per_s": flops / t / 1e9,
+                    "fraction_of_peak": flops / t / 1e9 / peak}
+        rate = report.get("forward_rate", {})
+        if len(rate) == 2:
+            ours, theirs = rate["ours"]["fraction_of_peak"], rate["transformers"]["fraction_of_peak"]
+            rows.append({"what": f"forward FLOP/s / matmul peak ({peak:.0f} GFLOP/s)", "ours": ours,
+                         "transformers": theirs, "ratio": ours / theirs, "goal": GOALS["peak_fraction"],
+                         "met": ours >= GOALS["peak_fraction"], "kind": "fraction"})
+    return rows
+
+
+def _row(what, ours, theirs, goal, kind):
+    ratio = ours / theirs if ours is not None and theirs else None
+    met = None if goal is None or ratio is None else ratio <= goal
+    return {"what": what, "ours": ours, "transformers": theirs, "ratio": ratio, "goal": goal, "met": met,
+            "kind": kind}
+
+
+def table(report: dict) -> str:
+    def fmt(v, kind):
+        if v is None:
+            return "n/a"
+        return {"time": f"{v:.2f}", "memory": f"{v:.0f}", "fraction": f"{v:.0%}"}[kind]
+
+    lines = ["| | ours | transformers | ratio | goal | met |", "|---|---:|---:|---:|---:|:---:|"]
+    for r in report["summary"]:
+        goal = "" if r["goal"] is None else (f">= {r['goal']:.0%}" if r["kind"] == "fraction" else
+                                             f"<= {r['goal']:.2f}x")
+        met = "" if r["met"] is None else ("yes" if r["met"] else "no")
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['what']} | {fmt(r['ours'], r['kind'])} | {fmt(r['transformers'], r['kind'])} | {ratio} "
+                     f"| {goal} | {met} |")
+    flops = report.get("forward_rate")
+    lines.append("")
+    if flops:
+        any_rate = next(iter(flops.values()))
+        lines.append(f"forward: {any_rate['gflops']:.0f} GFLOP (FlopCounterMode on transformers' model); "
+                     + "; ".join(f"{impl} {v['gflop_per_s']:.1f} GFLOP/s (own count {v['counted_gflops']:.0f})"
+                                 for impl, v in flops.items()))
+    for task, outputs in report.get("sequences", {}).items():
+        if len(outputs) == 2:
+            same = outputs["ours"] == outputs["transformers"]
+            lines.append(f"{task}: {'the same' if same else 'DIFFERENT'} sequences from both implementations")
+    if "cached" in report["args"]["tasks"]:
+        lines.append("[1] ours fed from the feature cache; transformers has none, its column is its plain frozen step")
+    m = report["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory_gb']:.0f} GB; "
+                 f"torch {m['torch']}, transformers {m['transformers']}; {m['environment']}")
+    return "\n".join(lines)
+
+
+def machine(args) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        found = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+        cpu = found.group(1).strip() if found else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    env = "tuned malloc (both)" if args.tuned_malloc else "default malloc"
+    if args.device == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+            "memory_gb": memory, "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": args.device, "dtype": args.dtype, "environment": env}
+
+
+def log(args, message: str) -> None:
+    if not args.silent:
+        print(message, file=sys.stderr, flush=True)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="base", choices=("base", "large", "tiny"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="float32, or autocast to bfloat16/float16 (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both vision towers (CUDA)")
+    p.add_argument("--image-size", type=int, default=768)
+    p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--rounds", type=int, default=None, help="processes per implementation and task group")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per process (after a warm-up)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-idle-wait", type=float, default=None,
+                   help="seconds to wait for other processes to go quiet before each repetition")
+    p.add_argument("--tuned-malloc", action="store_true", help="glibc keeps freed memory (both implementations)")
+    p.add_argument("--quick", action="store_true", help="one process per implementation, one timed repetition")
+    p.add_argument("--json", type=Path, help="write the full report (every sample) here")
+    p.add_argument("--in-process", action="store_true",
+                   help="no subprocesses (for tests): fast, but peak memory then mixes the implementations")
+    p.add_argument("--silent", action="store_true", help="no progress on stderr")
+    p.add_argument("--child", nargs=2, metavar=("IMPL", "GROUP"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(args.tasks) - set(TASKS)
+    if unknown:
+        p.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    if args.reps is None:
+        args.reps = 1 if args.quick else 2
+    if args.max_idle_wait is None:
+        args.max_idle_wait = 2.0 if args.quick else 20.0
+    if args.device == "cuda" and args.child is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: CUDA is not available")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.child:
+        print(json.dumps(run_child(*args.child, args)))
+        return
+    report = run(args)
+    print(table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
