@@ -13,11 +13,12 @@ Notable details, all the original's:
   the model may emit x2 < x1 and the answer keeps it.
 - `image_size` is (width, height), although the original's docstring says otherwise.
 - Pure-text answers lose `<s>` and `</s>` only: `<pad>` and loc tokens stay (<REGION_TO_CATEGORY> -> "car<loc_..>").
-- OCR labels are taken verbatim, so the first one keeps the `</s>` the generation starts with ("</s>CUDA").
 - Labels of boxes drop non-ASCII characters ("Café" -> "Caf"); phrase grounding skips pronouns and "the image".
 
 Where the original answers malformed text with a malformed result, this module answers differently, always in the
 task's usual shape:
+- OCR labels lose `<s>` and `</s>`. The original removes only `<s>`, so its first label keeps the `</s>` every
+  generation starts with ("</s>CUDA"), a known bug of the original (its own JavaScript port notes it).
 - A phrase that starts inside a token (text "<loc_5><loc_6><loc_7><loc_8><loc_9>" leaves the fragment "loc_5>" in
   front of four loc tokens) loses the fragment: label "" instead of the original's "loc_5>"; the box is the same.
   Box labels lose a leading "loc_N>" as the original's polygon labels do.
@@ -199,8 +200,8 @@ def quantize(coordinates: Sequence[float], image_size: Sequence[float]) -> list[
 
 # ----------------------------------------------------------------------------------------- parsers
 def _parse_ocr(text: str, image_size) -> dict:
-    # only <s> is removed, as in the original: the </s> in front of the first line stays in its label
-    lines = _OCR_LINE.findall(text.replace("<s>", ""))
+    # the original removes only <s>, which leaves the generation's leading </s> in the first label: both go here
+    lines = _OCR_LINE.findall(text.replace("<s>", "").replace("</s>", ""))
     coords = dequantize([int(k) for line in lines for k in line[1:]], image_size)
     return {"quad_boxes": [coords[i:i + 8] for i in range(0, len(coords), 8)], "labels": [line[0] for line in lines]}
 
