@@ -1,7 +1,9 @@
 """The fine-tuning command end to end on a tiny model and a few synthetic documents."""
 
+import json
 import shutil
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,7 @@ from florence2 import Florence2
 from florence2.model import shift_right
 from florence2.processor import Florence2Processor
 from training.docvqa import main, parse_args
+from training.metrics import anls_per_question, levenshtein_similarity
 
 from .conftest import TRAIN_IMAGE_SIZE as IMAGE_SIZE
 from .conftest import last_checkpoint, metrics, train_args, train_losses
@@ -34,6 +37,12 @@ def test_run_writes_metrics_plot_and_loadable_checkpoints(tiny_model_dir, datase
     evals = [r for r in records if "eval_anls" in r]
     assert [r["step"] for r in evals] == [0, summary["steps"] // 2, summary["steps"]]
     assert all(0.0 <= r["eval_anls"] <= 1.0 and r["eval_loss"] > 0 for r in evals)
+    # the last evaluation's numbers are those of its predictions, as written
+    predicted = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    answers, references = [p["prediction"] for p in predicted], [p["answers"] for p in predicted]
+    assert len(predicted) == evals[-1]["eval_examples"]
+    assert evals[-1]["eval_anls"] == pytest.approx(sum(anls_per_question(answers, references)) / len(predicted))
+    assert evals[-1]["eval_blog_similarity"] == pytest.approx(levenshtein_similarity(answers, references))
     assert (out / "metrics.png").stat().st_size > 0
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == [f"step-{summary['steps'] // 2:08d}", f"step-{summary['steps']:08d}"]
