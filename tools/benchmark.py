@@ -29,7 +29,7 @@ The process environment is the same for both (the children inherit it). With --t
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ so that glibc keeps freed memory instead of returning
 it to the OS and taking page faults on every new large tensor; the default run uses the plain environment.
 
-    python tools/benchmark.py                      # base, CPU, about 8 minutes on 2 cores
+    python tools/benchmark.py                      # base, CPU, about 9 minutes on 2 cores
     python tools/benchmark.py --quick --json out.json
     python tools/benchmark.py --size large --tasks forward,beam
     python tools/benchmark.py --device cuda --dtype bfloat16 --compile   # CUDA: bf16 autocast, compiled towers
@@ -480,13 +480,15 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--rounds", type=int, default=None, help="processes per implementation and task group")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="processes per implementation and task group; the order of the implementations alternates "
+                        "from round to round (2 rounds: about 18 minutes at base on 2 cores)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per process (after a warm-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--max-idle-wait", type=float, default=None,
                    help="seconds to wait for other processes to go quiet before each repetition")
     p.add_argument("--tuned-malloc", action="store_true", help="glibc keeps freed memory (both implementations)")
-    p.add_argument("--quick", action="store_true", help="one process per implementation, one timed repetition")
+    p.add_argument("--quick", action="store_true", help="one timed repetition per task, short idle waits")
     p.add_argument("--json", type=Path, help="write the full report (every sample) here")
     p.add_argument("--in-process", action="store_true",
                    help="no subprocesses (for tests): fast, but peak memory then mixes the implementations")
@@ -497,8 +499,6 @@ def parse(argv=None):
     unknown = set(args.tasks) - set(TASKS)
     if unknown:
         p.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 2
     if args.reps is None:
         args.reps = 1 if args.quick else 2
     if args.max_idle_wait is None:
