@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"
+BIAS = "language_model.final_logits_bias"
 SHARED = "language_model.model.shared.weight"
 ALIASES = ("language_model.model.encoder.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
            "language_model.lm_head.weight")
@@ -53,6 +56,63 @@ def tiny_bin_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config_dict() -> dict:
     return json.loads((TINY / "config.json").read_text())
+
+
+def load_convert_tool():
+    """tools/convert_weights.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def zero_bias_folder(folder: Path) -> Path:
+    """The tiny reference checkpoint with final_logits_bias set to zero, as real checkpoints hold it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = tiny_reference_state()
+    state[BIAS] = torch.zeros_like(state[BIAS])
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(TINY / "config.json", folder / "config.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory) -> Path:
+    """The zero-bias tiny checkpoint in Microsoft's layout: the source of the conversion tests."""
+    return zero_bias_folder(tmp_path_factory.mktemp("msft") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def converted(source, tmp_path_factory) -> Path:
+    """`source` converted to transformers' layout by tools/convert_weights.py."""
+    return load_convert_tool().convert(source, tmp_path_factory.mktemp("hf") / "out", "transformers")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small to share out: one thread is much faster than a pool (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def offline_hub_cache(monkeypatch, hub: Path, checkpoint: Path) -> None:
+    """No network, and a Hugging Face cache under `hub` holding `checkpoint`'s config and weights as the repo
+    someone/florence-tiny (its main ref pointing to that snapshot)."""
+    from huggingface_hub import constants
+
+    revision = "a" * 40
+    snapshot = hub / "models--someone--florence-tiny" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, snapshot / name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
 # ------------------------------------------------------------------------------------------------- training runs

@@ -3,7 +3,6 @@
 (tests/test_transformers_parity.py loads the converted folders in transformers itself.)
 """
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,47 +16,25 @@ from florence2 import CheckpointError, ConfigError, Florence2
 from florence2.interop import NOT_CARRIED_TO_TRANSFORMERS, padded_vocab_size, read_config
 from florence2.weights import TIED_ALIASES, rename
 
-from .conftest import ALIASES, SHARED, TINY, load_case, tiny_reference_state
+from .conftest import (
+    ALIASES,
+    BIAS,
+    SHARED,
+    TINY,
+    load_case,
+    load_convert_tool,
+    offline_hub_cache,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "florence2" / "assets"
-_spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
-cw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cw)
+ASSETS = Path(__file__).resolve().parents[1] / "florence2" / "assets"
+cw = load_convert_tool()
 
-BIAS = "language_model.final_logits_bias"
 VOCAB, PADDED = 51289, 51328
 T_SHARED = "model.language_model.shared.weight"
 T_PROJECTION = "model.multi_modal_projector.image_projection.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share out: one thread is much faster than a pool (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def zero_bias_folder(folder: Path) -> Path:
-    """The tiny reference checkpoint with final_logits_bias set to zero, as real checkpoints hold it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = tiny_reference_state()
-    state[BIAS] = torch.zeros_like(state[BIAS])
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(TINY / "config.json", folder / "config.json")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return zero_bias_folder(tmp_path_factory.mktemp("msft") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def converted(source, tmp_path_factory):
-    return cw.convert(source, tmp_path_factory.mktemp("hf") / "out", "transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -269,16 +246,7 @@ def test_cli(source, tmp_path, capsys):
 
 
 def test_hub_id_from_the_local_cache(tmp_path, source, monkeypatch):
-    snapshot = tmp_path / "hub" / "models--someone--florence-tiny" / "snapshots" / ("b" * 40)
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(source / name, snapshot / name)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
-    from huggingface_hub import constants
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub_cache(monkeypatch, tmp_path / "hub", source)
     out = cw.convert("someone/florence-tiny", tmp_path / "out", "transformers")
     assert load_file(out / "model.safetensors").keys() == load_file(
         cw.convert(source, tmp_path / "local", "transformers") / "model.safetensors").keys()

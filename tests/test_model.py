@@ -11,7 +11,7 @@ from florence2 import CheckpointError, ConfigError, Florence2
 from florence2.config import PRESETS
 from florence2.weights import from_ours
 
-from .conftest import ALIASES, FIXTURES, SHARED, TINY, load_case, tiny_reference_state
+from .conftest import ALIASES, FIXTURES, SHARED, TINY, load_case, offline_hub_cache, tiny_reference_state
 
 CASES = ["case0", "case1"]
 
@@ -181,17 +181,7 @@ def test_device_not_available(tiny_checkpoint):
 
 def test_offline_from_hub_cache(tmp_path, tiny_checkpoint, monkeypatch):
     # A hub repo id resolves from the local Hugging Face cache when there is no network.
-    snapshot = tmp_path / "hub" / "models--someone--florence-tiny" / "snapshots" / ("a" * 40)
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_checkpoint / name, snapshot / name)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from huggingface_hub import constants
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub_cache(monkeypatch, tmp_path / "hub", tiny_checkpoint)
     model = Florence2.from_pretrained("someone/florence-tiny", attn_implementation="eager")
     assert_reference_outputs(model, "case0")
     with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from florence2 import Florence2
 from florence2.interop import IMAGE_TOKEN
 
-from .conftest import TINY, load_case
-from .test_convert import BIAS, VOCAB, cw, zero_bias_folder
+from .conftest import BIAS, TINY, load_case
+from .test_convert import VOCAB, cw
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,23 +28,7 @@ DEFAULTS = {"num_beams": 3, "no_repeat_ngram_size": 3, "early_stopping": True, "
             "forced_eos_token_id": 2, "decoder_start_token_id": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share out: one thread is much faster than a pool (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return zero_bias_folder(tmp_path_factory.mktemp("msft") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def converted(source, tmp_path_factory):
-    return cw.convert(source, tmp_path_factory.mktemp("hf") / "out", "transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_model(folder, bias=None):
