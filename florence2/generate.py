@@ -168,13 +168,11 @@ def _forced_scores(token: int, rows: int, vocab: int, device: torch.device) -> t
     return forced
 
 
-def _process(scores: torch.Tensor, sequences: torch.Tensor, cur_len: int, max_length: int,
-             opts: GenerateOptions, eos: int) -> torch.Tensor:
-    """The logits processors of transformers' generate, in its order, for the options Florence-2 uses.
+def _process(scores: torch.Tensor, sequences: torch.Tensor, cur_len: int, opts: GenerateOptions,
+             eos: int) -> torch.Tensor:
+    """The logits processors of transformers' generate, in its order, for the options Florence-2 uses, at a step
+    that forces no token (the forcing processor comes last and overrides the others: see `_forced_scores`).
     scores (N, V), sequences (N, >= cur_len) of which the first cur_len tokens are filled."""
-    forced = _forced_token(cur_len, max_length, opts)
-    if forced is not None:  # the forcing processor comes last and overrides the others
-        return _forced_scores(forced, scores.shape[0], scores.shape[1], scores.device)
     n = opts.no_repeat_ngram_size
     if n and cur_len + 1 >= n:
         scores = _ban_repeated_ngrams(scores, sequences[:, :cur_len], n)
@@ -235,7 +233,7 @@ def _sample(model, encoder_out, encoder_mask, opts: GenerateOptions):
         forced = _forced_token(cur_len, max_length, opts)
         logits = decoder.step(sequences[:, cur_len - 1], cur_len - 1, logits=forced is None)
         if forced is None:
-            scores = _process(logits, sequences, cur_len, max_length, opts, eos)
+            scores = _process(logits, sequences, cur_len, opts, eos)
         else:
             scores = _forced_scores(forced, B, vocab, device)
         if opts.do_sample:
@@ -290,7 +288,7 @@ def _beam_search(model, encoder_out, encoder_mask, opts: GenerateOptions):
         forced = _forced_token(cur_len, max_length, opts)
         logits = decoder.step(flat[:, cur_len - 1], cur_len - 1, logits=forced is None)
         if forced is None:
-            log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, max_length, opts, eos)
+            log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, opts, eos)
         else:
             log_probs = _forced_scores(forced, batch * beams, vocab, device)
         processed = log_probs.view(batch, beams * vocab)
