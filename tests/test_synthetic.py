@@ -165,3 +165,31 @@ def test_cli_writes_a_dataset_and_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(precious), "--overwrite"])  # not a saved dataset: never deleted, even with --overwrite
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_captions_describe_their_own_pages_never_the_question_pages(capsys, tmp_path):
+    captions = build_dataset(train_documents=4, validation_documents=2, seed=5, captions=True)
+    questions = build_dataset(train_documents=4, validation_documents=2, seed=5)
+    assert dict(captions["train"].features) == DOCUMENTVQA_FEATURES
+    caption_pages = {i for split in captions.values() for i in split["docId"]}
+    assert len(caption_pages) == 6 and not caption_pages & {i for split in questions.values() for i in split["docId"]}
+    assert set(captions["train"]["question"]) == {"<CAPTION>"}
+    assert {t for types in captions["train"]["question_types"] for t in types} == {"caption"}
+
+    for document in make_documents(4, seed=5, split="captions"):
+        text, spec = synthetic.caption(document.spec), document.spec
+        assert text.startswith((f"A {spec.kind} with ", f"An {spec.kind} with ")) and f"the title {spec.title}" in text
+        assert (f"{spec.header_color} header" in text) == spec.rgb
+        assert (f"stamped {spec.stamp}" in text) == bool(spec.stamp) and ("no stamp" in text) != bool(spec.stamp)
+        assert ("not signed" in text) != spec.signed
+        assert (f"table of {synthetic.NUMBER_WORDS.get(len(spec.rows))} rows" in text) == bool(spec.rows)
+    spec = find_spec(lambda s: s.rgb and s.stamp and s.signed and len(s.rows) == 3 and s.kind == "invoice"
+                     and s.header_color == "orange")
+    assert synthetic.caption(spec) == (f"An invoice with an orange header and the title {spec.title}, "
+                                       f"a table of three rows, stamped {spec.stamp}, signed.")
+    spec = find_spec(lambda s: not s.rgb and not s.stamp and not s.signed and s.kind == "form")
+    assert synthetic.caption(spec) == f"A form with a header and the title {spec.title}, no stamp, not signed."
+
+    main([str(tmp_path / "captions"), "--captions", "--train-documents", "2", "--validation-documents", "1"])
+    assert "caption" in capsys.readouterr().out
+    assert datasets.load_from_disk(str(tmp_path / "captions"))["validation"][0]["question"] == "<CAPTION>"

@@ -1,6 +1,7 @@
 """Synthetic DocVQA-shaped documents, for runs that cannot download DocVQA (the offline demo, tests).
 
     python -m training.synthetic OUT_DIR [--train-documents 400] [--validation-documents 60] [--seed 0] [--overwrite]
+                                         [--captions]
 
 Pages are drawn with PIL: invoices, forms, letters and tables, mostly grayscale like DocVQA's scans, some in colour.
 Each page has a coloured header band, a very large title word, and sometimes a stamp and a signature; invoices and
@@ -8,8 +9,10 @@ tables have 2-7 data rows. The questions mix two families:
 - learnable fast from layout, colour and shape, even by a small model trained from scratch at 256x256:
   `kind`, `header_color` (colour pages only), `stamp`, `signature`, `row_count`, `largest_word`;
 - reading small print, which needs a real pretrained model: `invoice_number`, `date`, `total_amount`, `name`.
-Every page asks all of its learnable questions and one or two reading questions, so a from-scratch model can show
-ANLS rising within minutes while the reading questions stay as hard as in DocVQA.
+Every page asks all of its learnable questions and one or two reading questions, so a small model can show ANLS
+rising within minutes while the reading questions stay as hard as in DocVQA.
+With --captions, each page has one `<CAPTION>` row instead, whose answer says what the page shows (the demo's
+pretraining task); caption pages come from page streams of their own, never the question pages.
 
 The rows follow HuggingFaceM4/DocumentVQA: one row per question, several rows per page (same docId, same image
 bytes), our question type as the single item of `question_types`. The datasets Arrow format stores each row's image
@@ -45,7 +48,8 @@ TITLES = {"invoice": ("INVOICE", "RECEIPT"), "form": ("FORM", "APPLICATION"), "l
           "table": ("REPORT", "STATEMENT")}
 STAMP_WORDS = ("PAID", "RECEIVED", "APPROVED", "COPY", "FILED")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
-FIRST_DOC_ID = {"train": 0, "validation": 1_000_000}
+# page streams: the question splits, and the caption pages the demo pretrains on (never the same pages)
+FIRST_DOC_ID = {"train": 0, "validation": 1_000_000, "captions": 2_000_000, "captions-validation": 3_000_000}
 MAX_DOCUMENTS = 1_000_000
 RGB_SHARE = 0.35  # DocVQA pages are mostly grayscale scans; colour questions are asked on colour pages only
 
@@ -451,15 +455,42 @@ def to_rows(documents: list[Document]) -> list[dict]:
             for document in documents for i, q in enumerate(document.questions)]
 
 
-def build_dataset(train_documents: int, validation_documents: int, seed: int) -> datasets.DatasetDict:
-    """`train` and `validation` splits in the DocumentVQA schema, from disjoint pages."""
+def caption(spec: DocumentSpec) -> str:
+    """What the page shows, in words: the target of the `<CAPTION>` pretraining task."""
+    header = f"{spec.header_color} header" if spec.rgb else "header"  # a grayscale scan shows no colour
+    parts = [f"{with_article(spec.kind).capitalize()} with {with_article(header)} and the title {spec.title}"]
+    if spec.rows:
+        parts.append(f"a table of {NUMBER_WORDS[len(spec.rows)]} rows")
+    parts.append(f"stamped {spec.stamp}" if spec.stamp else "no stamp")
+    parts.append("signed" if spec.signed else "not signed")
+    return ", ".join(parts) + "."
+
+
+def with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def caption_rows(documents: list[Document]) -> list[dict]:
+    """One `<CAPTION>` row per page, in the DocumentVQA schema (train with --prompt-template '{question}')."""
+    return [{"questionId": document.doc_id * 10, "question": "<CAPTION>", "question_types": ["caption"],
+             "image": {"bytes": document.png, "path": None}, "docId": document.doc_id,
+             "ucsf_document_id": f"synth{document.doc_id:07d}", "ucsf_document_page_no": "1",
+             "answers": [caption(document.spec)]} for document in documents]
+
+
+def build_dataset(train_documents: int, validation_documents: int, seed: int,
+                  captions: bool = False) -> datasets.DatasetDict:
+    """`train` and `validation` splits in the DocumentVQA schema, from disjoint pages: questions, or with `captions`
+    one caption per page, from page streams of their own."""
+    streams = ("captions", "captions-validation") if captions else ("train", "validation")
+    rows = caption_rows if captions else to_rows
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_list(to_rows(make_documents(count, seed, split)), features=FEATURES)
-        for split, count in (("train", train_documents), ("validation", validation_documents))})
+        split: datasets.Dataset.from_list(rows(make_documents(count, seed, stream)), features=FEATURES)
+        for split, stream, count in zip(("train", "validation"), streams, (train_documents, validation_documents))})
 
 
 def write_dataset(out_dir: str | Path, train_documents: int, validation_documents: int, seed: int,
-                  overwrite: bool = False) -> datasets.DatasetDict:
+                  overwrite: bool = False, captions: bool = False) -> datasets.DatasetDict:
     """Save `build_dataset(...)` with `save_to_disk`, so `datasets.load_from_disk(out_dir)` reads it.
 
     A non-empty `out_dir` is an error unless `overwrite`, and even then only a folder holding a saved DatasetDict is
@@ -471,7 +502,7 @@ def write_dataset(out_dir: str | Path, train_documents: int, validation_document
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if existing and not (out_dir / "dataset_dict.json").is_file():
         raise FileExistsError(f"{out_dir} is not a saved DatasetDict (no dataset_dict.json): refusing to delete it")
-    dataset = build_dataset(train_documents, validation_documents, seed)
+    dataset = build_dataset(train_documents, validation_documents, seed, captions)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -503,10 +534,12 @@ def main(argv=None) -> None:
     parser.add_argument("--validation-documents", type=int, default=60, help="pages in the validation split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset folder written before")
+    parser.add_argument("--captions", action="store_true",
+                        help="one <CAPTION> row per page (what the page shows) instead of questions, from other pages")
     args = parser.parse_args(argv)
     try:
         dataset = write_dataset(args.out_dir, args.train_documents, args.validation_documents, args.seed,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, captions=args.captions)
     except (FileExistsError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"wrote {args.out_dir}\n{summary(dataset)}")
