@@ -2,24 +2,30 @@
 
 import json
 
+import datasets
+
 from florence2 import Florence2
 from florence2.processor import Florence2Processor
 from training import demo
 from training.docvqa import main, parse_args
 from training.synthetic import LEARNABLE, READING
 
-from .conftest import metrics
+from .conftest import last_checkpoint, metrics
 
 
 def test_demo_preset_is_offline_and_explicit_flags_win():
     args = parse_args(["--preset", "demo", "--output-dir", "runs/demo", "--epochs", "1"])
-    assert args.model == "demo" and args.dataset.endswith("demo-data") and args.optimizer == "sgd"
+    assert args.model == "demo" and args.dataset.endswith("demo-data") and args.optimizer == "adamw"
+    assert (args.lr, args.vision_lr, args.embedding_eps) == (1e-3, 1e-4, 3e-4)
     assert args.train_vision and args.eval_before_training and args.epochs == 1
+    assert parse_args(["--preset", "demo", "--output-dir", "d", "--optimizer", "sgd"]).embedding_eps is None
 
 
 def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "TRAIN_DOCUMENTS", 6)
     monkeypatch.setattr(demo, "VALIDATION_DOCUMENTS", 2)
+    monkeypatch.setattr(demo, "CAPTION_DOCUMENTS", 8)
+    monkeypatch.setattr(demo, "CAPTION_VALIDATION_DOCUMENTS", 2)
     out = tmp_path / "demo"
     summary = main(["--preset", "demo", "--output-dir", str(out), "--batch-size", "4", "--max-steps", "4",
                     "--num-workers", "0", "--max-new-tokens", "4", "--log-every", "1"])
@@ -32,6 +38,13 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[-1] < losses[0]
     assert "validation ANLS, step 0 -> step 4:" in capsys.readouterr().out
+
+    # stage 1 pretrained the model on captions of other pages; stage 2 fine-tuned that checkpoint
+    captions = datasets.load_from_disk(str(out / "pretrain" / "demo-captions"))
+    assert set(captions["train"]["question"]) == {"<CAPTION>"} and len(captions["train"]) == 8
+    pretrained = out / "pretrain" / "checkpoints" / "step-00000004"
+    assert [r["step"] for r in metrics(out / "pretrain") if "eval_anls" in r][-1] == 4
+    assert json.loads((last_checkpoint(out) / "trainer.json").read_text())["model"] == str(pretrained)
 
     assert (out / "demo-data" / "dataset_dict.json").is_file() and (out / "metrics.png").stat().st_size > 0
     model = Florence2.from_pretrained(out / "best")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from florence2 import Florence2
 from florence2.model import shift_right
 from florence2.processor import Florence2Processor
-from training.docvqa import main, parse_args
+from training.docvqa import Trainer, main, parse_args
 from training.metrics import anls_per_question, levenshtein_similarity
 
 from .conftest import TRAIN_IMAGE_SIZE as IMAGE_SIZE
@@ -100,6 +100,29 @@ def test_padded_labels_do_not_change_the_loss(tiny_model_dir):
                            decoder_input_ids=shift_right(lab, text.decoder_start_token_id, text.pad_token_id)).logits
             losses.append(F.cross_entropy(logits.flatten(0, 1), lab.flatten(), ignore_index=-100))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+
+
+def test_vision_lr_and_embedding_eps_get_optimizer_groups_of_their_own(tiny_model_dir, dataset_dir, tmp_path):
+    args = parse_args(train_args(tiny_model_dir, dataset_dir, tmp_path / "run", "--train-vision", "--vision-lr", "1e-4",
+                                 "--embedding-eps", "3e-4"))
+    trainer = Trainer(args)
+    trainer.build()
+    group_of = {id(p): group for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert len(group_of) == sum(1 for p in trainer.module.parameters() if p.requires_grad)  # each weight once
+    embedding = trainer.module.language_model.shared.weight
+    assert (group_of[id(embedding)]["initial_lr"], group_of[id(embedding)]["eps"]) == (1e-3, 3e-4)
+    assert {(group_of[id(p)]["initial_lr"], group_of[id(p)]["eps"]) for p in trainer.module.vision_tower.parameters()} \
+        == {(1e-4, 1e-8)}
+    projection = trainer.module.image_projection.weight
+    assert (group_of[id(projection)]["initial_lr"], group_of[id(projection)]["eps"]) == (1e-3, 1e-8)
+
+    plain = Trainer(parse_args(train_args(tiny_model_dir, dataset_dir, tmp_path / "plain")))
+    plain.build()
+    assert len(plain.optimizer.param_groups) == 1  # the tower is frozen, nothing asked: AdamW as the blog has it
+    for wrong in (["--vision-lr", "1e-4"], ["--optimizer", "sgd", "--embedding-eps", "1e-3"],
+                  ["--train-vision", "--vision-lr", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(train_args(tiny_model_dir, dataset_dir, tmp_path / "x", *wrong))
 
 
 def test_stopped_and_resumed_gives_the_same_losses(tiny_model_dir, dataset_dir, tmp_path):
