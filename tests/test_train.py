@@ -125,13 +125,15 @@ def test_vision_lr_and_embedding_eps_get_optimizer_groups_of_their_own(tiny_mode
             parse_args(train_args(tiny_model_dir, dataset_dir, tmp_path / "x", *wrong))
 
 
-def test_stopped_and_resumed_gives_the_same_losses(tiny_model_dir, dataset_dir, tmp_path):
+@pytest.mark.parametrize("recipe", [(), ("--train-vision", "--vision-lr", "1e-4", "--embedding-eps", "3e-4")],
+                         ids=["blog", "optimizer-groups"])
+def test_stopped_and_resumed_gives_the_same_losses(tiny_model_dir, dataset_dir, tmp_path, recipe):
     straight = tmp_path / "straight"
-    run(tiny_model_dir, dataset_dir, straight, "--save-every", "2", "--keep-last", "0")
+    run(tiny_model_dir, dataset_dir, straight, "--save-every", "2", "--keep-last", "0", *recipe)
     # a run that stopped after step 2: its output folder holds only what was saved then
     stopped = tmp_path / "stopped"
     shutil.copytree(straight / "checkpoints" / "step-00000002", stopped / "checkpoints" / "step-00000002")
-    run(tiny_model_dir, dataset_dir, stopped, "--save-every", "2", "--keep-last", "0", "--resume", "auto")
+    run(tiny_model_dir, dataset_dir, stopped, "--save-every", "2", "--keep-last", "0", "--resume", "auto", *recipe)
     expected = [loss for step, loss in train_losses(straight) if step > 2]
     assert [loss for step, loss in train_losses(stopped)] == expected
     final = last_checkpoint(straight).name
