@@ -6,7 +6,7 @@
 Pages are drawn with PIL: invoices, forms, letters and tables, mostly grayscale like DocVQA's scans, some in colour.
 Each page has a coloured header band, a very large title word, and sometimes a stamp and a signature; invoices and
 tables have 2-7 data rows. The questions mix two families:
-- learnable fast from layout, colour and shape, even by a small model trained from scratch at 256x256:
+- answered from layout, colour and shape, which a small model can learn in minutes (the demo's, at 192x192):
   `kind`, `header_color` (colour pages only), `stamp`, `signature`, `row_count`, `largest_word`;
 - reading small print, which needs a real pretrained model: `invoice_number`, `date`, `total_amount`, `name`.
 Every page asks all of its learnable questions and one or two reading questions, so a small model can show ANLS
