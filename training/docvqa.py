@@ -144,14 +144,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def apply_demo_preset(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The offline demo: a small Florence-2 on synthetic documents (see training/demo.py). Explicit flags still win."""
     demo = {"model": "demo", "dataset": str(args.output_dir / DEMO_DATA), "epochs": 3, "batch_size": 16,
-            "optimizer": "adamw", "lr": 1e-3, "vision_lr": 1e-4, "embedding_eps": 3e-4, "weight_decay": 0.0,
-            "warmup_steps": 20, "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5,
-            "num_workers": 2, "train_vision": True, "prompt_template": "<DocVQA>{question}", "feature_cache": "none"}
+            "optimizer": "adamw", "lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 20,
+            "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5, "num_workers": 2,
+            "train_vision": True, "prompt_template": "<DocVQA>{question}", "feature_cache": "none"}
     for name, value in demo.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
-    if args.optimizer != "adamw" and args.embedding_eps == demo["embedding_eps"]:
-        args.embedding_eps = None  # AdamW's setting, not asked for
+    if args.optimizer == "adamw" and args.embedding_eps is None:  # an AdamW setting: not for --optimizer sgd
+        args.embedding_eps = 3e-4
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -33,7 +33,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -472,10 +472,8 @@ def with_article(noun: str) -> str:
 
 def caption_rows(documents: list[Document]) -> list[dict]:
     """One `<CAPTION>` row per page, in the DocumentVQA schema (train with --prompt-template '{question}')."""
-    return [{"questionId": document.doc_id * 10, "question": "<CAPTION>", "question_types": ["caption"],
-             "image": {"bytes": document.png, "path": None}, "docId": document.doc_id,
-             "ucsf_document_id": f"synth{document.doc_id:07d}", "ucsf_document_page_no": "1",
-             "answers": [caption(document.spec)]} for document in documents]
+    return to_rows([replace(document, questions=(Question("caption", "<CAPTION>", [caption(document.spec)]),))
+                    for document in documents])
 
 
 def build_dataset(train_documents: int, validation_documents: int, seed: int,
