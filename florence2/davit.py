@@ -16,6 +16,10 @@ Notable details of the original that matter for exact parity:
 Tokens are kept as (B, H, W, C) between blocks: LayerNorm and Linear act on the last axis, and the same memory
 seen as (B, C, H, W) is channels-last, which the depth-wise convs take without a copy.
 
+Each `forward` is the reference math. The fast kernels (in-place blocks for inference, the folded channel attention,
+GELU recomputed in backward, channels-first strided convs in backward) are in kernels.py; a module runs one only
+when `kernels.use` switched it on (its `active_kernels`).
+
 Module names follow `transformers`' port of Florence-2 (`convs.{s}.conv`, `blocks.{s}.{j}.spatial_block.norm1`,
 ...); `weights.py` maps them to and from Microsoft's names (`convs.{s}.proj`, `...window_attn.norm`, ...).
 """
@@ -27,16 +31,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import kernels
 from .attention import attention
 from .config import VisionConfig
-
-# Inference runs the blocks in place (`forward_inplace`), a band of windows or a chunk of tokens at a time, so that
-# every temporary stays a few MB. Big temporaries are what makes inference slow on CPU: glibc serves each one with
-# fresh pages from the OS (page faults, zeroing) and frees them straight back, so that a 75 MB MLP hidden state
-# at stage 0 costs more to allocate than to compute, and the matmuls that write it run at half speed. Small ones
-# are recycled from malloc's free lists and stay in cache. Sizes below: about 2-4 MB per temporary.
-BAND_TOKENS = 2048  # tokens per band of window attention (whole rows of windows, at least one)
-CHUNK_FLOATS = 2**20  # floats of the MLP hidden state per chunk of tokens
 
 
 class DropPath(nn.Module):
@@ -67,6 +64,9 @@ class DepthwiseConv(nn.Conv2d):
 class PatchEmbed(nn.Module):
     """Strided conv from one stage to the next, with a LayerNorm before (pre_norm) or after it."""
 
+    KERNELS = ("channels_first_conv",)
+    active_kernels = frozenset()
+
     def __init__(self, in_dim: int, dim: int, kernel: int, stride: int, padding: int, pre_norm: bool):
         super().__init__()
         self.pre_norm = pre_norm
@@ -75,59 +75,36 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
         """x: (B, H, W, C_in), or the image (B, 3, H, W) when channels_first -> (B, H', W', C)."""
-        if self.pre_norm and not channels_first:  # the original never pre-normalizes the raw image
-            x = self.norm(x)
-        if channels_first:
+        if channels_first:  # the image; the original never pre-normalizes it
             x = self.conv(x).permute(0, 2, 3, 1)
-        elif torch.is_grad_enabled() and (x.requires_grad or self.conv.weight.requires_grad):
-            # oneDNN's backward of a strided conv is ~1.6x slower on channels-last input (measured at base, batch
-            # 2: 1.10 vs 0.70 s forward + backward for stage 1's); its forward is faster that way, hence inference
-            # keeps channels-last. The output goes back to (B, H, W, C) memory for the depth-wise convs.
-            x = self.conv(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1).contiguous()
         else:
-            x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            if self.pre_norm:
+                x = self.norm(x)
+            if "channels_first_conv" in self.active_kernels:
+                x = kernels.channels_first_conv(self.conv, x)
+            else:
+                x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if not self.pre_norm:
             x = self.norm(x)
         return x
 
 
 class Mlp(nn.Module):
+    KERNELS = ("recompute_gelu",)
+    active_kernels = frozenset()
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if torch.is_grad_enabled() and type(self.fc2) is nn.Linear and (
-                h.requires_grad or self.fc2.weight.requires_grad):
-            return _GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
-        return self.fc2(F.gelu(h))
+        if "recompute_gelu" in self.active_kernels:
+            return kernels.GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        return self.fc2(F.gelu(self.fc1(x)))
 
-
-class _GeluLinear(torch.autograd.Function):
-    """fc2(gelu(h)) that keeps h but not gelu(h) for backward, where GELU is recomputed: the hidden state (4 x dim
-    per token) of every block is not held twice in training. Base, batch 2: 1.2 GB less of ~11.5 GB at the peak,
-    for one extra GELU per block in backward."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        return F.linear(F.gelu(h), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # autocast: grad and h may be bf16 while the weight is fp32
-            grad_h = torch.ops.aten.gelu_backward(grad @ weight.to(grad.dtype), h)
-        rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            a = F.gelu(h).reshape(-1, h.shape[-1])
-            grad_weight = (rows.t() @ a.to(rows.dtype)).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(dim=0).to(weight.dtype)
-        return grad_h, grad_weight, grad_bias
+    def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
+        return {"fc2": self.fc2}  # recompute_gelu reads its weights
 
 
 class WindowAttention(nn.Module):
@@ -159,45 +136,31 @@ class WindowAttention(nn.Module):
 
 
 class ChannelAttention(nn.Module):
+    KERNELS = ("folded_channel_attention",)
+    active_kernels = frozenset()
+
     def __init__(self, dim: int, num_groups: int):
         super().__init__()
         self.num_groups = num_groups
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.backend = "sdpa"  # "eager": inference computes it literally too (see ChannelBlock.forward_inplace)
-
-    def foldable(self, tokens: int) -> bool:
-        """Whether inference may fold the attention (see `folded`): not for the eager reference, not through
-        wrapped layers (LoRA), and only where it saves work (folding costs about dim^3, it saves tokens * dim^2)."""
-        plain = type(self.qkv) is nn.Linear and type(self.proj) is nn.Linear
-        return self.backend != "eager" and plain and tokens > 2 * self.proj.in_features
-
-    def folded(self, chunks) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention of one image as a single linear map of its normalized tokens: for inference.
-
-        The softmax weights (G, C/G, C/G) depend on the image, but given them, proj(weights @ v) is linear in the
-        tokens: y = W_p @ blockdiag(weights) @ (W_v t + b_v) + b_p. `chunks` yields the image's normalized tokens
-        (n, C) in pieces; the scores q k^T are summed over them. Returns (weight (C, C), bias (C,))."""
-        C, G = self.proj.in_features, self.num_groups
-        scores, tokens = 0.0, 0
-        for t in chunks:
-            qk = F.linear(t, self.qkv.weight[:2 * C], self.qkv.bias[:2 * C]).view(-1, 2, G, C // G)
-            q, k = qk.permute(1, 2, 3, 0).unbind(0)  # (G, C/G, n)
-            scores = scores + q @ k.transpose(-2, -1)
-            tokens += t.shape[0]
-        weights = (scores * tokens**-0.5).softmax(dim=-1)
-        outer = self.proj.weight @ torch.block_diag(*weights)
-        return outer @ self.qkv.weight[2 * C:], outer @ self.qkv.bias[2 * C:] + self.proj.bias
+        self.backend = "sdpa"  # "eager": never folded (kernels.worth_folding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         N, G = H * W, self.num_groups
+        if "folded_channel_attention" in self.active_kernels and kernels.worth_folding(self, N):
+            return kernels.folded_channel_attention(self, x)
         qkv = self.qkv(x.reshape(B, N, C)).view(B, N, 3, G, C // G)
         q, k, v = qkv.permute(2, 0, 3, 4, 1).unbind(0)  # each (B, G, C/G, N): channels are the sequence axis
         # Attention among the channels of a group; the "head dim" is the token axis, hence the N^-0.5 scale.
         weights = ((q * N**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, G, C/G, C/G)
         out = (weights @ v).permute(0, 3, 1, 2).reshape(B, N, C)  # (B, G, C/G, N) -> (B, N, G, C/G) -> (B, N, C)
         return self.proj(out).view(B, H, W, C)
+
+    def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
+        # the fold reads the weights; the in-place channel block runs it without calling this module
+        return {"": self, "qkv": self.qkv, "proj": self.proj}
 
 
 class SpatialBlock(nn.Module):
@@ -217,21 +180,6 @@ class SpatialBlock(nn.Module):
         x = x + self.conv2(x)
         return x + self.drop_path(self.ffn(self.norm2(x)))
 
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() for inference (eval mode, no autograd) on a contiguous x that is updated in place. Windows do
-        not overlap, so each band of window rows can take its attention output as soon as it is computed."""
-        x += self.conv1(x)
-        ws = self.window_attn.window_size
-        rows = ws * max(1, BAND_TOKENS // (ws * x.shape[2]))
-        for b in range(x.shape[0]):
-            for top in range(0, x.shape[1], rows):
-                band = x[b:b + 1, top:top + rows]
-                band += self.window_attn(self.norm1(band))
-        x += self.conv2(x)
-        for t in _chunks(x.view(-1, x.shape[-1]), self.ffn.fc1.out_features):  # the MLP acts on each token alone
-            t += self.ffn(self.norm2(t))
-        return x
-
 
 class ChannelBlock(nn.Module):
     def __init__(self, dim: int, num_groups: int, drop_path: float):
@@ -250,31 +198,6 @@ class ChannelBlock(nn.Module):
         x = x + self.conv2(x)
         return x + self.drop_path(self.ffn(self.norm2(x)))
 
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() for inference on a contiguous x updated in place; the attention spans all tokens of an image,
-        so it goes one image at a time."""
-        x += self.conv1(x)
-        B, H, W, C = x.shape
-        for b in range(B):
-            if self.channel_attn.foldable(H * W):  # two passes over chunks: scores, then the folded map
-                tokens = x[b].view(H * W, C)
-                weight, bias = self.channel_attn.folded(self.norm1(t) for t in _chunks(tokens, 4 * C))
-                for t in _chunks(tokens, 4 * C):
-                    t += F.linear(self.norm1(t), weight, bias)
-            else:
-                image = x[b:b + 1]
-                image += self.channel_attn(self.norm1(image))
-        x += self.conv2(x)
-        for t in _chunks(x.view(-1, C), self.ffn.fc1.out_features):  # the MLP acts on each token alone
-            t += self.ffn(self.norm2(t))
-        return x
-
-
-def _chunks(tokens: torch.Tensor, width: int):
-    """Consecutive row blocks of tokens (N, C) (views), sized for a temporary of `width` floats per token."""
-    step = max(1, CHUNK_FLOATS // width)
-    return (tokens[start:start + step] for start in range(0, tokens.shape[0], step))
-
 
 class DualBlock(nn.Module):
     """One depth unit: a spatial (window) block, then a channel block."""
@@ -287,11 +210,11 @@ class DualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.channel_block(self.spatial_block(x))
 
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        return self.channel_block.forward_inplace(self.spatial_block.forward_inplace(x))
-
 
 class DaViT(nn.Module):
+    KERNELS = ("inplace_vision",)
+    active_kernels = frozenset()
+
     def __init__(self, config: VisionConfig):
         super().__init__()
         c = config
@@ -312,18 +235,25 @@ class DaViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> tokens of the last stage (B, H/32, W/32, C_last), before any pooling or norm."""
+        if "inplace_vision" in self.active_kernels:
+            return kernels.davit_inplace(self, pixel_values)
         x = pixel_values
-        inplace = not self.training and not (torch.is_grad_enabled() and (
-            pixel_values.requires_grad or any(p.requires_grad for p in self.parameters())))
         for s, (conv, stage) in enumerate(zip(self.convs, self.blocks)):
             x = conv(x, channels_first=s == 0)
-            if inplace:  # x is a new tensor of ours (the conv's output): updating it in place is safe
-                x = x.contiguous()
             for block in stage:
-                if inplace:
-                    x = block.forward_inplace(x)
-                elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                     x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
                 else:
                     x = block(x)
         return x
+
+    def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
+        """inplace_vision runs the math of the stages and blocks without calling their forward."""
+        targets = {}
+        for s, stage in enumerate(self.blocks):
+            targets[f"blocks.{s}"] = stage
+            for j, block in enumerate(stage):
+                targets[f"blocks.{s}.{j}"] = block
+                targets[f"blocks.{s}.{j}.spatial_block"] = block.spatial_block
+                targets[f"blocks.{s}.{j}.channel_block"] = block.channel_block
+        return targets

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import using as using_kernels
+
 
 @dataclass(frozen=True)
 class GenerateOptions:
@@ -97,12 +99,18 @@ class GenerateOutput:
 @torch.no_grad()
 def generate(model, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int | None = None, *,
-             vision_features: torch.Tensor | None = None, **options) -> torch.Tensor | GenerateOutput:
+             vision_features: torch.Tensor | None = None, kernels: bool | None = None,
+             **options) -> torch.Tensor | GenerateOutput:
     """Generate for a batch of (image, prompt) pairs.
 
     Options (defaults from the checkpoint's text_config where it has them): num_beams, no_repeat_ngram_size,
     early_stopping, length_penalty, min_new_tokens, forced_bos_token_id, forced_eos_token_id, num_return_sequences,
     do_sample, temperature, top_k, top_p, seed, return_scores.
+
+    `kernels`: None (default) runs the inference kernels (florence2.kernels.INFERENCE) where the layers allow them
+    and the reference math, with one warning naming them, where layers are wrapped (LoRA, FSDP); True asks for them
+    (wrapped layers raise KernelError); False runs the reference math alone. The kernels set before the call are
+    back after it.
 
     Returns a LongTensor (B * num_return_sequences, L) of sequences that start with the decoder start token and are
     right-padded with the pad token; with return_scores=True a GenerateOutput that also holds per-token scores.
@@ -110,13 +118,16 @@ def generate(model, pixel_values: torch.Tensor | None = None, input_ids: torch.T
     opts = GenerateOptions.from_model(model.config, max_new_tokens=max_new_tokens, **options)
     if input_ids is None:
         raise ValueError("input_ids is required (the tokenized prompt; Florence2Processor makes it)")
+    if kernels not in (None, True, False):
+        raise ValueError(f"kernels must be None (the default), True or False, got {kernels!r}")
     was_training = model.training
     model.eval()
     try:
-        encoder_out, encoder_mask = model.encode(input_ids, attention_mask, pixel_values, vision_features)
-        if opts.num_beams > 1:
-            return _beam_search(model, encoder_out, encoder_mask, opts)
-        return _sample(model, encoder_out, encoder_mask, opts)
+        with using_kernels(model, None if kernels is False else "inference", strict=kernels is True):
+            encoder_out, encoder_mask = model.encode(input_ids, attention_mask, pixel_values, vision_features)
+            if opts.num_beams > 1:
+                return _beam_search(model, encoder_out, encoder_mask, opts)
+            return _sample(model, encoder_out, encoder_mask, opts)
     finally:
         model.train(was_training)
 

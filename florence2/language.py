@@ -8,7 +8,8 @@ BART details the original keeps (and that parity depends on):
 - q is scaled by head_dim^-0.5 before the dot product; exact-erf GELU.
 
 Module names mirror the original's (`layers.{i}.self_attn.q_proj`, `encoder_attn`, `fc1`, `final_layer_norm`),
-without its `model.` level.
+without its `model.` level. The linear layers are `Linear`, an nn.Linear that can run the few_rows_linear kernel
+(kernels.py) when it is switched on; peft's LoRA wraps them as any nn.Linear.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import kernels
 from .attention import attention
 from .config import TextConfig
 
@@ -34,26 +36,16 @@ class LearnedPositions(nn.Embedding):
         return super().forward(positions + self.OFFSET)
 
 
-FEW_ROWS = 64  # up to this many rows (a decoding step, a short teacher-forced batch), weights are multiplied from
-# the left: such products are bound by reading the weight, and MKL streams an (out, in) weight up to 2-3x faster
-# as W @ x^T than as x @ W^T (3 beams: 14 instead of 46 ms for base's 158 MB embedding in the LM head, 41 instead
-# of 60 ms for 40 decoder weights of 768x3072).
+class Linear(nn.Linear):
+    """nn.Linear that multiplies few rows from the left when the few_rows_linear kernel is on (kernels.py)."""
 
+    KERNELS = ("few_rows_linear",)
+    active_kernels = frozenset()
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), computed as (W @ x^T)^T when x has few rows (see FEW_ROWS)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > FEW_ROWS:
-        return F.linear(x, weight, bias)
-    out = torch.mm(weight, rows.t()) if bias is None else torch.addmm(bias[:, None], weight, rows.t())
-    return out.t().contiguous().view(*x.shape[:-1], -1)
-
-
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) through `linear` for a plain nn.Linear; wrapped layers (LoRA, FSDP) run their own forward."""
-    if type(layer) is not nn.Linear:
-        return layer(x)
-    return linear(x, layer.weight, layer.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "few_rows_linear" in self.active_kernels:
+            return kernels.few_rows_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
@@ -61,10 +53,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.backend = "sdpa"
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,21 +64,21 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(project(self.k_proj, x)), self.heads(project(self.v_proj, x))
+        return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                 causal: bool = False) -> torch.Tensor:
         """x (B, T, D) attends to keys/values (B, H, S, D/H) -> (B, T, D)."""
-        q = self.heads(project(self.q_proj, x))
+        q = self.heads(self.q_proj(x))
         out = attention(q, k, v, mask=mask, causal=causal, dropout=self.dropout if self.training else 0.0,
                         backend=self.backend)
-        return project(self.out_proj, out.transpose(1, 2).reshape(x.shape))
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
 def _feed_forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """fc1 -> GELU -> dropout -> fc2 -> dropout; fc1/fc2 sit flat on the layer, as in the checkpoints."""
-    h = F.dropout(F.gelu(project(layer.fc1, h)), p=layer.activation_dropout, training=layer.training)
-    return F.dropout(project(layer.fc2, h), p=layer.dropout, training=layer.training)
+    h = F.dropout(F.gelu(layer.fc1(h)), p=layer.activation_dropout, training=layer.training)
+    return F.dropout(layer.fc2(h), p=layer.dropout, training=layer.training)
 
 
 class EncoderLayer(nn.Module):
@@ -94,8 +86,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(c.d_model, c.encoder_attention_heads, c.attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
-        self.fc1 = nn.Linear(c.d_model, c.encoder_ffn_dim)
-        self.fc2 = nn.Linear(c.encoder_ffn_dim, c.d_model)
+        self.fc1 = Linear(c.d_model, c.encoder_ffn_dim)
+        self.fc2 = Linear(c.encoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.dropout, self.activation_dropout = c.dropout, c.activation_dropout
 
@@ -129,8 +121,8 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(c.d_model)
         self.encoder_attn = Attention(c.d_model, c.decoder_attention_heads, c.attention_dropout)
         self.encoder_attn_layer_norm = nn.LayerNorm(c.d_model)
-        self.fc1 = nn.Linear(c.d_model, c.decoder_ffn_dim)
-        self.fc2 = nn.Linear(c.decoder_ffn_dim, c.d_model)
+        self.fc1 = Linear(c.d_model, c.decoder_ffn_dim)
+        self.fc2 = Linear(c.decoder_ffn_dim, c.d_model)
         self.final_layer_norm = nn.LayerNorm(c.d_model)
         self.dropout, self.activation_dropout = c.dropout, c.activation_dropout
 
@@ -207,6 +199,9 @@ class Decoder(nn.Module):
 
 
 class LanguageModel(nn.Module):
+    KERNELS = ("few_rows_linear",)  # in the LM head
+    active_kernels = frozenset()
+
     def __init__(self, c: TextConfig):
         super().__init__()
         self.config = c
@@ -221,7 +216,8 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head tied to `shared`, plus `final_logits_bias`; float32 like the original's output."""
-        return (linear(h, self.shared.weight) + self.final_logits_bias).float()
+        head = kernels.few_rows_linear if "few_rows_linear" in self.active_kernels else F.linear
+        return (head(h, self.shared.weight) + self.final_logits_bias).float()
 
     def new_cache(self, encoder_out: torch.Tensor, max_length: int) -> list[LayerCache]:
         """Empty self-attention buffers of `max_length` positions and the cross keys/values of `encoder_out`."""

@@ -25,12 +25,14 @@ def default_processor(model):
 
 
 @torch.no_grad()
-def predict(model, images, task: str, text: str | list[str] | None = None, processor=None, **generate_options):
+def predict(model, images, task: str, text: str | list[str] | None = None, processor=None, *,
+            kernels: bool | None = None, **generate_options):
     """Run `task` (e.g. "<OD>", "<CAPTION>", "<DocVQA>") on one image or a list of images.
 
     `text` is the task's input (the phrase of "<CAPTION_TO_PHRASE_GROUNDING>", the question of "<DocVQA>", ...):
     one string for every image, or one per image. Returns the parsed result ({task: answer}) for one image, or a
-    list of them. Generation options (num_beams, max_new_tokens, ...) are passed to `generate`.
+    list of them. Generation options (num_beams, max_new_tokens, ...) and `kernels` (None: the inference kernels
+    where the layers allow them; True: required; False: the reference math) are passed to `generate`.
     """
     from .postprocess import parse_type
 
@@ -51,7 +53,7 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
     dtype = model.image_projection.weight.dtype
     inputs = processor(text=prompts, images=images).to(model.image_projection.weight.device, dtype)
     scored = parse_type(task) in SCORED_PARSE_TYPES
-    out = model.generate(**inputs, return_scores=scored, **generate_options)
+    out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
     sequences = out.sequences if scored else out
     results = []
     for i, (image, sequence) in enumerate(zip(images, sequences)):

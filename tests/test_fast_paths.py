@@ -1,88 +1,275 @@
-"""The inference fast paths compute what the plain modules compute: DaViT's in-place blocks (bands of windows,
-chunks of tokens, the folded channel attention), the left-multiplied linear of few rows, the GELU+linear that
-recomputes GELU in backward, and generation that skips the LM head on forced steps."""
+"""The kernels of florence2/kernels.py compute what the reference forward computes (DaViT's in-place blocks in bands
+and chunks, the folded channel attention, the left-multiplied linear of few rows, GELU recomputed in backward, the
+channels-first strided conv), run only where they are switched on, and refuse wrapped layers clearly."""
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from florence2 import Florence2, davit
+from florence2 import Florence2, davit, kernels
 from florence2.config import PRESETS, with_changes
-from florence2.language import FEW_ROWS, linear
+from florence2.kernels import FEW_ROWS, KernelError, few_rows_linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_tower(window_size: int = 7):
-    config = with_changes(PRESETS["tiny"], vision={"window_size": window_size, "drop_path_rate": 0.0})
-    model = Florence2.from_config(config, seed=3)
-    for p in model.parameters():  # nonzero biases and norms everywhere, unlike the init
-        p.data.add_(torch.randn_like(p) * 0.05)
-    return model.vision_tower.eval()
+def tiny_model(window_size: int = 7, seed: int = 3) -> Florence2:
+    config = with_changes(PRESETS["tiny"], vision={"window_size": window_size, "drop_path_rate": 0.0},
+                          text={"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0})
+    model = Florence2.from_config(config, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():  # nonzero biases and norms everywhere, unlike the init
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def pixels(batch=2, height=200, width=168, seed=0):
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("small_pieces", [False, True])
-def test_inplace_inference_equals_autograd_path(monkeypatch, small_pieces):
+def test_inplace_vision_equals_the_reference(monkeypatch, small_pieces):
     if small_pieces:  # many bands and chunks, bands not a multiple of the window rows
-        monkeypatch.setattr(davit, "BAND_TOKENS", 50)
-        monkeypatch.setattr(davit, "CHUNK_FLOATS", 3000)
-    tower = tiny_tower()
-    pixels = torch.randn(2, 3, 200, 168, generator=torch.Generator().manual_seed(0))
+        monkeypatch.setattr(kernels, "BAND_TOKENS", 50)
+        monkeypatch.setattr(kernels, "CHUNK_FLOATS", 3000)
+    tower = tiny_model().vision_tower
+    x = pixels()
     with torch.no_grad():
-        fast = tower(pixels)
-    reference = tower(pixels.clone().requires_grad_(True)).detach()  # autograd: the plain forward()
+        reference = tower(x)
+        with kernels.using(tower, "inference"):
+            assert kernels.active(tower)[""] == {"inplace_vision"}
+            fast = tower(x)
     assert fast.shape == reference.shape
     torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+    assert not torch.equal(fast, reference)  # the kernels did run: other float rounding
     assert not torch.equal(fast[0], fast[1])
 
 
-def test_folded_channel_attention_is_used_and_exact():
-    block = davit.ChannelAttention(dim=16, num_groups=4)
+def test_inplace_vision_refuses_autograd_and_training_mode():
+    tower = tiny_model().vision_tower
+    kernels.use(tower, "inference")
+    with pytest.raises(KernelError, match="inplace_vision kernel is for inference"):
+        tower(pixels(1, 64, 64))  # autograd on: the tower's weights require grad
     with torch.no_grad():
-        for p in block.parameters():
+        tower.train()
+        with pytest.raises(KernelError, match="eval mode"):
+            tower(pixels(1, 64, 64))
+        tower.eval()
+        tower.requires_grad_(False)
+    frozen = tower(pixels(1, 64, 64))  # a frozen tower in a training step: no graph, in place is safe
+    assert not frozen.requires_grad
+
+
+def test_folded_channel_attention_equals_the_reference():
+    attn = davit.ChannelAttention(dim=16, num_groups=4)
+    with torch.no_grad():
+        for p in attn.parameters():
             p.normal_(0, 0.3)
-    tokens = torch.randn(100, 16, generator=torch.Generator().manual_seed(1))
-    assert block.foldable(100) and not block.foldable(32)
-    weight, bias = block.folded(iter(tokens.split(30)))
+    x = torch.randn(2, 10, 10, 16, generator=torch.Generator().manual_seed(1))
+    assert kernels.worth_folding(attn, 100) and not kernels.worth_folding(attn, 32)
     with torch.no_grad():
-        expected = block(tokens.view(1, 10, 10, 16)).view(100, 16)
-    torch.testing.assert_close(F.linear(tokens, weight, bias), expected, atol=1e-5, rtol=1e-5)
-    block.backend = "eager"  # the reference path computes the attention literally
-    assert not block.foldable(100)
+        reference = attn(x)
+        weight, bias = kernels.fold(attn, iter(x[0].reshape(100, 16).split(30)))  # in pieces, as the in-place block
+        kernels.use(attn, ["folded_channel_attention"])
+        folded = attn(x)
+    torch.testing.assert_close(F.linear(x[0].reshape(100, 16), weight, bias), reference[0].reshape(100, 16),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(folded, reference)
+    attn.backend = "eager"  # the literal attention everywhere: never folded
+    assert not kernels.worth_folding(attn, 100)
+
+
+def test_folded_channel_attention_alone_in_a_tower():
+    tower = tiny_model().vision_tower
+    x = pixels(1, 128, 128)
+    with torch.no_grad():
+        reference = tower(x)
+        kernels.use(tower, ["folded_channel_attention"])
+        folded = tower(x)
+    torch.testing.assert_close(folded, reference, atol=2e-5, rtol=1e-4)
+    assert not torch.equal(folded, reference)
 
 
 @pytest.mark.parametrize("rows", [1, 3, FEW_ROWS, FEW_ROWS + 1])
 def test_linear_of_few_rows(rows):
     g = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 1, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
-    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
-    torch.testing.assert_close(linear(x, w), F.linear(x, w))
-    assert linear(x, w, b).shape == (rows, 1, 40)
+    torch.testing.assert_close(few_rows_linear(x, w, b), F.linear(x, w, b))
+    torch.testing.assert_close(few_rows_linear(x, w), F.linear(x, w))
+    assert few_rows_linear(x, w, b).shape == (rows, 1, 40)
 
 
-def test_gelu_linear_gradients():
+def test_gelu_recomputed_in_backward():
     mlp = davit.Mlp(dim=6, hidden=12).double()
     x = torch.randn(4, 5, 6, dtype=torch.double, requires_grad=True)
-    torch.autograd.gradcheck(lambda x, w, b: davit._GeluLinear.apply(mlp.fc1(x), w, b),
+    torch.autograd.gradcheck(lambda x, w, b: kernels.GeluLinear.apply(mlp.fc1(x), w, b),
                              (x, mlp.fc2.weight, mlp.fc2.bias))
-    out = mlp(x)
-    out.sum().backward()
-    grads = [x.grad.clone(), mlp.fc2.weight.grad.clone(), mlp.fc1.weight.grad.clone()]
-    x.grad = None
-    mlp.zero_grad()
-    mlp.fc2(F.gelu(mlp.fc1(x))).sum().backward()
-    for got, want in zip(grads, [x.grad, mlp.fc2.weight.grad, mlp.fc1.weight.grad]):
-        torch.testing.assert_close(got, want)
+    grads = []
+    for on in (None, "training"):
+        kernels.use(mlp, on)
+        mlp(x).sum().backward()
+        grads.append([x.grad.clone(), mlp.fc2.weight.grad.clone(), mlp.fc2.bias.grad.clone(),
+                      mlp.fc1.weight.grad.clone()])
+        x.grad = None
+        mlp.zero_grad()
+    for reference, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, reference)
+
+
+def test_training_kernels_give_the_reference_loss_and_gradients():
+    # the whole model in a training step: recompute_gelu, channels_first_conv and few_rows_linear (32 label rows)
+    model = tiny_model().train()
+    x, ids = pixels(2, 64, 64), torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
+    labels = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(4))
+    results = []
+    for on in (None, "training"):
+        kernels.use(model, on)
+        loss = model(pixel_values=x, input_ids=ids, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (reference_loss, reference), (loss, grads) = results
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_first_conv():
+    embed = davit.PatchEmbed(8, 16, kernel=3, stride=2, padding=1, pre_norm=True)
+    x = torch.randn(2, 9, 11, 8, requires_grad=True)
+    outputs = []
+    for on in (None, "training"):
+        kernels.use(embed, on)
+        out = embed(x)
+        out.square().sum().backward()
+        outputs.append((out.detach(), x.grad.clone(), embed.conv.weight.grad.clone()))
+        x.grad = None
+        embed.zero_grad()
+    for reference, fast in zip(*outputs):
+        torch.testing.assert_close(fast, reference)
+    assert outputs[1][0].is_contiguous()  # (B, H, W, C) memory again, for the depth-wise convs
+
+
+# ------------------------------------------------------------------------------------------------- the switch
+def test_a_plain_call_runs_the_reference(monkeypatch):
+    model = tiny_model()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a kernel ran without being switched on")
+    for name in ("davit_inplace", "folded_channel_attention", "few_rows_linear", "channels_first_conv"):
+        monkeypatch.setattr(kernels, name, fail)
+    monkeypatch.setattr(kernels.GeluLinear, "apply", fail)
+    assert kernels.active(model) == {}
+    with torch.no_grad():
+        model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]))
+    model.train()
+    model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]))
+
+
+def test_generate_runs_the_inference_kernels_by_default(monkeypatch):
+    model = tiny_model()
+    kernels.use(model, "training")
+    seen = []
+    original = kernels.davit_inplace
+    monkeypatch.setattr(kernels, "davit_inplace", lambda *a: seen.append(kernels.active(model)) or original(*a))
+    inputs = {"pixel_values": pixels(1, 64, 64), "input_ids": torch.tensor([[0, 100, 200, 2]]), "max_new_tokens": 5}
+    fast = model.generate(**inputs)
+    assert {k for on in seen[0].values() for k in on} == kernels.INFERENCE
+    assert {k for on in kernels.active(model).values() for k in on} == kernels.TRAINING  # back as it was
+    reference = model.generate(**inputs, kernels=False)
+    assert len(seen) == 1 and torch.equal(fast, reference)
+    with pytest.raises(ValueError, match="kernels must be None"):
+        model.generate(**inputs, kernels="inference")
+
+
+def test_unknown_kernel():
+    with pytest.raises(ValueError, match=r"unknown kernels \['fast'\]; choose from"):
+        kernels.use(tiny_model(), ["fast"])
+
+
+class Wrapper(nn.Module):
+    """Stands for any wrapper the kernels cannot see through (an FSDP unit, a quantized layer, ...)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.weight, self.bias = inner.weight, inner.bias
+
+    def forward(self, x):
+        return self.inner(x) * 2
+
+
+def test_wrapped_layers_are_refused_by_name():
+    model = tiny_model()
+    block = model.vision_tower.blocks[1][0].channel_block
+    block.channel_attn.qkv = Wrapper(block.channel_attn.qkv)
+    block.ffn.fc2 = Wrapper(block.ffn.fc2)
+    with pytest.raises(KernelError) as error:
+        kernels.use(model, "inference")
+    message = str(error.value)
+    assert "folded_channel_attention: vision_tower.blocks.1.0.channel_block.channel_attn.qkv (" in message
+    assert "merge the adapters" in message and "inplace_vision" not in message
+    assert kernels.active(model) == {}  # nothing switched on
+    with pytest.raises(KernelError, match=r"recompute_gelu: vision_tower\.blocks\.1\.0\.channel_block\.ffn\.fc2"):
+        kernels.use(model, "training")
+    model.vision_tower.blocks[0][0].register_forward_hook(lambda *args: None)  # a hook would be skipped too
+    with pytest.raises(KernelError, match=r"inplace_vision: vision_tower\.blocks\.0\.0 \("):
+        kernels.use(model, ["inplace_vision"])
+
+
+def test_generate_falls_back_with_one_warning_and_refuses_when_asked():
+    model = tiny_model()
+    attn = model.vision_tower.blocks[0][0].channel_block.channel_attn
+    attn.proj = Wrapper(attn.proj)
+    inputs = {"pixel_values": pixels(1, 64, 64), "input_ids": torch.tensor([[0, 100, 200, 2]]), "max_new_tokens": 5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = model.generate(**inputs)
+        again = model.generate(**inputs)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "vision_tower.blocks.0.0.channel_block.channel_attn.proj" in messages[0]
+    assert "folded_channel_attention" in messages[0] and "stay off" in messages[0]
+    with torch.no_grad():  # what stayed on still ran; the wrapper was not skipped
+        reference = model.generate(**inputs, kernels=False)
+    assert torch.equal(fast, again) and torch.equal(fast, reference)
+    with pytest.raises(KernelError, match=r"channel_attn\.proj"):
+        model.generate(**inputs, kernels=True)
+
+
+def test_lora_layers():
+    peft = pytest.importorskip("peft")
+    model = tiny_model()
+    config = peft.LoraConfig(r=2, target_modules=r".*\.(qkv|fc2|q_proj)", init_lora_weights=False)
+    model = peft.inject_adapter_in_model(config, model)
+    with pytest.raises(KernelError, match=r"folded_channel_attention: vision_tower\.blocks\.0\.0\.channel_block"
+                                          r"\.channel_attn\.qkv \(peft\.tuners\.lora\.layer\.Linear\)"):
+        kernels.use(model, "inference")
+    with pytest.warns(UserWarning, match="kernels stay off"):
+        refused = kernels.use(model, "inference", strict=False)
+    assert set(refused) == {"folded_channel_attention"}  # the text layers' base Linear still multiplies few rows
+    inputs = {"pixel_values": pixels(1, 64, 64), "input_ids": torch.tensor([[0, 100, 200, 2]]),
+              "labels": torch.tensor([[7, 8, 2]])}
+    with torch.no_grad():
+        fast = model(**inputs).logits
+        kernels.use(model, None)
+        reference = model(**inputs).logits
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)  # the adapters took part on both paths
 
 
 def test_forced_steps_skip_the_lm_head(monkeypatch):
     from florence2 import generate as generation
 
     model = Florence2.from_config(PRESETS["tiny"], seed=0).eval()
-    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     ids = torch.tensor([[0, 100, 200, 2]])
     heads = []
     original = model.language_model.logits
     monkeypatch.setattr(model.language_model, "logits", lambda h: heads.append(1) or original(h))
-    out = generation.generate(model, pixel_values=pixels, input_ids=ids, max_new_tokens=6, min_new_tokens=6,
-                              num_beams=1, forced_bos_token_id=0, forced_eos_token_id=2)
+    out = generation.generate(model, pixel_values=pixels(1, 64, 64, seed=2), input_ids=ids, max_new_tokens=6,
+                              min_new_tokens=6, num_beams=1, forced_bos_token_id=0, forced_eos_token_id=2)
     assert out.shape == (1, 7) and out[0, 1] == 0 and out[0, -1] == 2
     assert len(heads) == 4  # 6 steps, 2 of them forced

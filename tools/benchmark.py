@@ -115,10 +115,20 @@ def vision_tower(impl, model):
 
 
 # ----------------------------------------------------------------------------------------------- child: the tasks
+def use_kernels(impl, module, preset: str) -> None:
+    """Ours runs its kernels where the package runs them: generate and predict switch on the inference kernels
+    themselves, the trainer the training kernels (and the inference kernels for a frozen tower's features)."""
+    if impl == "ours":
+        from florence2 import kernels
+
+        kernels.use(module, preset)
+
+
 def forward_fn(impl, model, inputs, args):
     import torch
 
     model.eval()
+    use_kernels(impl, model, "inference")
     ids = inputs[impl]
 
     def run():
@@ -132,9 +142,11 @@ def train_fn(impl, model, inputs, args, frozen: bool, cached: bool = False):
 
     tower = vision_tower(impl, model)
     model.train()
+    use_kernels(impl, model, "training")
     if frozen:
         tower.eval()  # frozen means deterministic too, as our trainer does: no stochastic depth
         tower.requires_grad_(False)
+        use_kernels(impl, tower, "inference")  # no graph through a frozen tower: it runs as in inference
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: what transformers' Trainer uses by default with torch >= 2.8; the same for both sides
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
