@@ -1,9 +1,15 @@
-"""Florence-2 configuration: dataclasses that read and write Microsoft's `config.json` format.
+"""Florence-2 configuration: dataclasses that read `config.json` in either layout and write Microsoft's.
 
 Microsoft's format (`model_type: florence2`) nests a `vision_config` (DaViT, `dim_embed`, ...) and a `text_config`
 (BART, `d_model`, ...) whose generation keys (`num_beams`, `no_repeat_ngram_size`, `forced_bos_token_id`, ...) are the
 defaults the original's `generate` uses. Keys we do not model (`auto_map`, `label2id`, ...) are kept verbatim in
 `extra` so that a config read and written again loses nothing.
+
+transformers' own Florence-2 (`florence-community/*`) also says `model_type: florence2`; its vision section has
+`embed_dim` and `model_type: florence_vision`, its vocabulary adds an `<image>` token (`image_token_id`, the original
+vocabulary size) and is padded to a multiple of 64, and it reads the decoding defaults from generation_config.json.
+`read_config` / `Florence2Config.from_json` / `from_dict` read both (`detect_layout`); the writer of that layout is
+florence2/transformers_layout.py, which the model never imports.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from typing import Any
 class ConfigError(ValueError):
     """A config value that no Florence-2 model can have."""
 
+
+# The decoding settings text_config carries (and transformers' generation_config.json), as generate takes them.
+GENERATION_KEYS = ("num_beams", "no_repeat_ngram_size", "early_stopping", "length_penalty", "forced_bos_token_id",
+                   "forced_eos_token_id")
+VOCAB_MULTIPLE = 64  # transformers pads the vocabulary to a multiple of this
 
 # Keys of Microsoft's config whose value is fixed by the architecture: anything else is an error, not a variant.
 _FIXED_VISION_KEYS = {
@@ -116,8 +127,7 @@ class TextConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
-                     "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings",
-                     "num_beams"):
+                     "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"text_config.{name} must be positive, got {getattr(self, name)}")
         for name in ("encoder_attention_heads", "decoder_attention_heads"):
@@ -130,15 +140,25 @@ class TextConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "decoder_layerdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"text_config.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
-                     "forced_bos_token_id", "forced_eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ConfigError(f"text_config.{name} {value} is outside the vocabulary (size {self.vocab_size})")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"text_config.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ConfigError(f"text_config.early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"text_config.{name} {getattr(self, name)} is outside the vocabulary (size "
+                                  f"{self.vocab_size})")
+        check_decoding(self, self.vocab_size, "text_config.", ConfigError)
+
+
+def check_decoding(settings, vocab_size: int, prefix: str = "", error: type[Exception] = ValueError) -> None:
+    """The checks of the decoding settings (GENERATION_KEYS) shared by TextConfig and generate's options."""
+    if not isinstance(settings.num_beams, int) or settings.num_beams < 1:
+        raise error(f"{prefix}num_beams must be a positive integer, got {settings.num_beams!r}")
+    if not isinstance(settings.no_repeat_ngram_size, int) or settings.no_repeat_ngram_size < 0:
+        raise error(f"{prefix}no_repeat_ngram_size must be an integer >= 0, got {settings.no_repeat_ngram_size!r}")
+    if settings.early_stopping not in (True, False, "never"):
+        raise error(f"{prefix}early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):
+        value = getattr(settings, name)
+        if value is not None and not 0 <= value < vocab_size:
+            raise error(f"{prefix}{name} {value} is outside the vocabulary (size {vocab_size})")
 
 
 @dataclass(frozen=True)
@@ -158,13 +178,16 @@ class Florence2Config:
         """Number of image tokens the encoder sees for a square image: the mean token plus the grid (577 at 768)."""
         return self.vision.grid_size(image_size) ** 2 + 1
 
-    # ------------------------------------------------------------------ Microsoft's config.json
+    # ------------------------------------------------------------------------------------------ config.json
     @classmethod
-    def from_dict(cls, d: dict) -> Florence2Config:
-        if not isinstance(d, dict):
-            raise ConfigError(f"a Florence-2 config must be a JSON object, got {type(d).__name__}")
-        if d.get("model_type") != "florence2":
-            raise ConfigError(f"config model_type is {d.get('model_type')!r}, expected 'florence2'")
+    def from_dict(cls, d: dict, generation: dict | None = None) -> Florence2Config:
+        """A config.json of either layout (`generation`: the transformers layout's generation_config.json)."""
+        if detect_layout(d) == "transformers":
+            return cls._from_microsoft_dict(_microsoft_dict(d, generation))
+        return cls._from_microsoft_dict(d)
+
+    @classmethod
+    def _from_microsoft_dict(cls, d: dict) -> Florence2Config:
         for section in ("vision_config", "text_config"):
             if not isinstance(d.get(section), dict):
                 raise ConfigError(f"config.json has no {section!r} section")
@@ -225,14 +248,8 @@ class Florence2Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Florence2Config:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        """A config.json file, or the checkpoint folder that holds it, in either layout (see `read_config`)."""
+        return read_config(path)[0]
 
     def to_json(self, path: str | Path, torch_dtype: str | None = None) -> None:
         d = self.to_dict()
@@ -256,6 +273,100 @@ def _take_fields(cls, d: dict, tuple_fields: bool = False) -> dict:
             value = d.pop(f.name)
             kwargs[f.name] = tuple(value) if tuple_fields and isinstance(value, list) else value
     return kwargs
+
+
+# --------------------------------------------------------------------------------- both layouts, and JSON files
+def read_json(path: Path, required: bool = True) -> dict | None:
+    """A JSON object from a file. A missing file raises ConfigError (or gives None when not `required`)."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"no {path.name} in {path.parent}")
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(d).__name__}")
+    return d
+
+
+def detect_layout(d: dict) -> str:
+    """"microsoft" or "transformers", from the vision section of a config.json."""
+    vision = d.get("vision_config") if isinstance(d, dict) else None
+    if isinstance(vision, dict) and d.get("model_type") == "florence2":
+        if "dim_embed" in vision or vision.get("model_type") == "davit":
+            return "microsoft"
+        if "embed_dim" in vision or vision.get("model_type") == "florence_vision":
+            return "transformers"
+    raise ConfigError(f"config.json is neither Microsoft's Florence-2 layout (model_type florence2, "
+                      f"vision_config.dim_embed) nor transformers' (model_type florence2, vision_config.embed_dim); "
+                      f"its model_type is {d.get('model_type') if isinstance(d, dict) else None!r}")
+
+
+def read_config(path: str | Path) -> tuple[Florence2Config, str]:
+    """config.json of either layout (the file, or the folder that holds it) -> (config, layout). For the
+    transformers layout the decoding defaults come from generation_config.json beside it when it has them
+    (transformers reads them there), else Microsoft's."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    d = read_json(path)
+    layout = detect_layout(d)
+    generation = read_json(path.parent / "generation_config.json", required=False) if layout == "transformers" else None
+    return Florence2Config.from_dict(d, generation), layout
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """The transformers layout's vocabulary: the original one plus `<image>`, rounded up to a multiple of 64."""
+    return -(-(vocab_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+# Vision keys of the transformers config that Microsoft's DaViT fixes: any other value is a different model.
+FIXED_TRANSFORMERS_VISION = {"in_channels": 3, "mlp_ratio": 4.0, "qkv_bias": True, "activation_function": "gelu"}
+# BartConfig's defaults where they differ from ours, for keys a transformers config.json leaves out.
+_BART_DEFAULTS = {"d_model": 1024, "encoder_layers": 12, "decoder_layers": 12, "encoder_attention_heads": 16,
+                  "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
+                  "attention_dropout": 0.0, "activation_dropout": 0.0}
+# Top-level keys of a transformers config that Microsoft's layout regenerates or has no use for.
+_TRANSFORMERS_ONLY = ("image_token_id", "tie_word_embeddings", "dtype", "torch_dtype", "transformers_version",
+                      "architectures", "is_encoder_decoder")
+
+
+def _microsoft_dict(d: dict, generation: dict | None) -> dict:
+    """A transformers-layout config.json (and its generation_config.json) as Microsoft's config.json. The
+    vocabulary is the original one: `image_token_id`, the first id past it."""
+    if not isinstance(d.get("vision_config"), dict) or not isinstance(d.get("text_config"), dict):
+        raise ConfigError("config.json needs a vision_config and a text_config section")
+    vision, text = dict(d["vision_config"]), dict(d["text_config"])
+    vocab_size = d.get("image_token_id", TextConfig.vocab_size)
+    padded = text.get("vocab_size", padded_vocab_size(vocab_size))
+    if not isinstance(vocab_size, int) or not isinstance(padded, int) or not 0 < vocab_size < padded:
+        raise ConfigError(f"image_token_id {vocab_size} must be a token id inside text_config.vocab_size {padded}: "
+                          "the <image> token is the first id past the original vocabulary")
+    for key, expected in FIXED_TRANSFORMERS_VISION.items():
+        if vision.pop(key, expected) != expected:
+            raise ConfigError(f"vision_config.{key} must be {expected!r} (Florence-2's DaViT), got "
+                              f"{d['vision_config'][key]!r}")
+    vision.pop("model_type", None)
+    vision.pop("initializer_range", None)  # training-time init only
+    if "embed_dim" in vision:
+        vision["dim_embed"] = vision.pop("embed_dim")
+    vision["visual_temporal_embedding"] = {"type": "COSINE",
+                                           "max_temporal_embeddings": vision.pop("max_temporal_embeddings", 100)}
+    vision["image_pos_embed"] = {"type": "learned_abs_2d",
+                                 "max_pos_embeddings": vision.pop("max_position_embeddings", 50)}
+    vision.setdefault("projection_dim", 1024)  # transformers' defaults for what its config.json leaves out
+    text.pop("model_type", None)
+    text = {**_BART_DEFAULTS, **text, "vocab_size": vocab_size}
+    for key in GENERATION_KEYS:  # generation_config.json first, as transformers reads it; else Microsoft's defaults
+        if generation and key in generation:
+            text[key] = generation[key]
+        text.setdefault(key, getattr(TextConfig, key))
+    top = {k: v for k, v in d.items() if k not in (*_TRANSFORMERS_ONLY, "vision_config", "text_config")}
+    return {**top, "model_type": "florence2", "projection_dim": vision["projection_dim"], "vision_config": vision,
+            "text_config": text}
 
 
 # Presets. `base` and `large` are the config.json of microsoft/Florence-2-base and microsoft/Florence-2-large

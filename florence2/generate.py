@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import GENERATION_KEYS, TextConfig, check_decoding
 from .kernels import using as using_kernels
 
 
@@ -26,12 +27,13 @@ class GenerateOptions:
     max_new_tokens: int = 1024  # the original silently stops at 20 tokens when this is not given
     # (a model with a smaller decoder position table defaults to the size of its table)
     min_new_tokens: int = 0
-    num_beams: int = 3
-    no_repeat_ngram_size: int = 3  # 0 disables
-    early_stopping: bool | str = True  # True, False or "never", as in transformers
-    length_penalty: float = 1.0
-    forced_bos_token_id: int | None = 0  # forced as the first generated token; None disables
-    forced_eos_token_id: int | None = 2  # forced at the last position; None disables
+    # The decoding settings (GENERATION_KEYS): a model's generate takes them from its text_config.
+    num_beams: int = TextConfig.num_beams
+    no_repeat_ngram_size: int = TextConfig.no_repeat_ngram_size  # 0 disables
+    early_stopping: bool | str = TextConfig.early_stopping  # True, False or "never", as in transformers
+    length_penalty: float = TextConfig.length_penalty
+    forced_bos_token_id: int | None = TextConfig.forced_bos_token_id  # forced first; None disables
+    forced_eos_token_id: int | None = TextConfig.forced_eos_token_id  # forced at the last position; None disables
     num_return_sequences: int = 1
     do_sample: bool = False
     temperature: float = 1.0
@@ -44,9 +46,7 @@ class GenerateOptions:
     def from_model(cls, config, **overrides) -> GenerateOptions:
         """The checkpoint's defaults (text_config), then the caller's options."""
         text = config.text
-        defaults = cls(num_beams=text.num_beams, no_repeat_ngram_size=text.no_repeat_ngram_size,
-                       early_stopping=text.early_stopping, length_penalty=text.length_penalty,
-                       forced_bos_token_id=text.forced_bos_token_id, forced_eos_token_id=text.forced_eos_token_id)
+        defaults = cls(**{key: getattr(text, key) for key in GENERATION_KEYS})
         if overrides.get("max_new_tokens", None) is None:
             overrides["max_new_tokens"] = min(cls.max_new_tokens, text.max_position_embeddings)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -58,6 +58,7 @@ class GenerateOptions:
         return options
 
     def validate(self, text) -> None:
+        check_decoding(self, text.vocab_size)  # what text_config checks of the same settings
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens > text.max_position_embeddings:
@@ -65,8 +66,6 @@ class GenerateOptions:
                              f"({text.max_position_embeddings} positions)")
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens!r}")
-        if not isinstance(self.num_beams, int) or self.num_beams < 1:
-            raise ValueError(f"num_beams must be a positive integer, got {self.num_beams!r}")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -75,14 +74,6 @@ class GenerateOptions:
         if self.num_beams == 1 and self.num_return_sequences > 1 and not self.do_sample:
             raise ValueError("greedy decoding returns one sequence per prompt: use num_beams >= "
                              "num_return_sequences or do_sample=True")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        for name in ("forced_bos_token_id", "forced_eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < text.vocab_size:
-                raise ValueError(f"{name} {value} is outside the vocabulary (size {text.vocab_size})")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:

@@ -23,8 +23,9 @@ from torch import nn
 
 from . import weights
 from .attention import check_backend
-from .config import Florence2Config
+from .config import Florence2Config, read_config
 from .davit import DaViT
+from .hub import resolve_checkpoint
 from .language import LanguageModel
 
 
@@ -201,13 +202,11 @@ class Florence2(nn.Module):
     def from_config(cls, config: Florence2Config | str | os.PathLike, seed: int | None = None,
                     attn_implementation: str = "sdpa") -> Florence2:
         """A randomly initialized model from a Florence2Config, a preset name ("base", "large", "tiny") or the
-        path of a config.json / checkpoint folder."""
+        path of a config.json / checkpoint folder (either layout)."""
         if isinstance(config, (str, os.PathLike)):
             path = Path(config)
-            if path.is_dir():
-                path = path / "config.json"
-            config = Florence2Config.from_json(path) if path.suffix == ".json" else Florence2Config.from_name(
-                str(config))
+            is_path = path.is_dir() or path.suffix == ".json"
+            config = Florence2Config.from_json(path) if is_path else Florence2Config.from_name(str(config))
         model = cls(config, attn_implementation)
         model.init_weights(seed)
         return model
@@ -219,26 +218,13 @@ class Florence2(nn.Module):
         """Load a checkpoint in Microsoft's layout (microsoft/Florence-2-*, fine-tunes of them) or in transformers'
         layout (florence-community/Florence-2-*), from a folder or the hub. Weights are cast to `dtype`
         (default float32, as the original loads them; "auto" keeps the stored dtype) and placed on `device`."""
-        from .interop import read_config  # config.json of either layout
-
         device = _resolve_device(device)
-        folder = weights.resolve_checkpoint(path_or_repo_id, revision)
-        config, layout = read_config(folder)
-        state = weights.read_weights(weights.weight_files(folder), device="cpu")
-        if dtype == "auto":
-            dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-        dtype = _resolve_dtype(dtype)
+        dtype = None if dtype == "auto" else _resolve_dtype(dtype)
+        folder = resolve_checkpoint(path_or_repo_id, revision)
+        config, _, state = load_state(folder, dtype)
         with torch.device("meta"):
             model = cls(config, attn_implementation)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = weights.to_ours(state, layout, expected, config.text.vocab_size)
-        if "temporal_embedding" not in state:
-            state["temporal_embedding"] = cosine_table(*expected["temporal_embedding"])
-        if "language_model.final_logits_bias" not in state:
-            state["language_model.final_logits_bias"] = torch.zeros(expected["language_model.final_logits_bias"])
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict({k: v.to(device).contiguous() for k, v in state.items()}, strict=True, assign=True)
         model.name_or_path = str(path_or_repo_id)  # predict() builds the checkpoint's own processor from it
         return model.eval()
 
@@ -258,6 +244,27 @@ class Florence2(nn.Module):
     # generation and the one-call API live beside the model (generate.py, predict.py); the model stays a Module
     from .generate import generate
     from .predict import predict
+
+
+def load_state(folder: Path, dtype: torch.dtype | None = None) -> tuple[Florence2Config, str, dict[str, torch.Tensor]]:
+    """A checkpoint folder of either layout -> (config, layout, its tensors in our names), for from_pretrained and
+    tools/convert_weights.py alike.
+
+    Every tensor is checked by name and shape against the model of the config (weights.to_ours: one error lists
+    every unknown, missing or mis-shaped tensor; weights of the other layout get one clear error). Floating tensors
+    are cast to `dtype`; None keeps the checkpoint's (that of its token embedding). The optional buffers are filled
+    in when absent: the cosine temporal table, computed in float32, and zeros for `final_logits_bias` (the
+    transformers layout has none)."""
+    config, layout = read_config(folder)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Florence2(config).state_dict().items()}
+    state = weights.to_ours(weights.read_weights(weights.weight_files(folder)), layout, expected,
+                            config.text.vocab_size)
+    if dtype is None:
+        dtype = state[weights.SHARED].dtype
+    state.setdefault("temporal_embedding", cosine_table(*expected["temporal_embedding"]))
+    state.setdefault(weights.FINAL_LOGITS_BIAS, torch.zeros(expected[weights.FINAL_LOGITS_BIAS]))
+    return config, layout, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _check_pixels(pixel_values: torch.Tensor, like: torch.Tensor) -> None:

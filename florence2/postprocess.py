@@ -102,7 +102,8 @@ _PHRASE_WITH_POLYGONS = re.compile(rf"([^<]+{_POLY_TOKEN}{{4,}})")
 _BARE_POLYGONS = re.compile(rf"(?:{_POLY_TOKEN}{{4,}})")
 _POLYGON_INSTANCE = re.compile(r"<poly>(.*?)</poly>")
 _POLYGON = re.compile(r"((?:<loc_\d+>)+)(?:<sep>|$)")
-_OCR_LINE = re.compile(r"(.+?)" + r"<loc_(\d+)>" * 8)
+OCR_LINE_PATTERN = r"(.+?)" + r"<loc_(\d+)>" * 8  # a text line and the 8 loc tokens of its quad
+_OCR_LINE = re.compile(OCR_LINE_PATTERN)
 # A label is what precedes the first location token (the other tokens are from older Florence vocabularies).
 _BOX_LABEL = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)")
 _POLYGON_LABEL = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_|<poly>)")

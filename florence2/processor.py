@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from . import postprocess
+from . import hub, postprocess
+from .config import TextConfig, VisionConfig, read_json
 
 ASSETS = Path(__file__).parent / "assets"
 # The tokens Florence-2 adds to BART's vocabulary, in the original's order (their ids follow it).
@@ -52,9 +53,10 @@ FLORENCE_TOKENS = (
     "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>", "</region_to_desciption>",  # (sic)
     "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
 )
-BART_VOCAB_SIZE = 50265  # the id of the first Florence token
-BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
-PATCH = 32  # DaViT's total stride: a side of 768 px gives 24 x 24 image tokens
+BART_VOCAB_SIZE = TextConfig.vocab_size - len(FLORENCE_TOKENS)  # 50265: the id of the first Florence token
+BOS_ID, PAD_ID, EOS_ID = TextConfig.bos_token_id, TextConfig.pad_token_id, TextConfig.eos_token_id
+PATCH = VisionConfig().stride  # 32, DaViT's total stride: a side of 768 px gives 24 x 24 image tokens
+MODEL_MAX_LENGTH = 1024  # the encoder positions tokenizer_config.json allows when it does not say
 
 
 class Florence2Inputs(dict):
@@ -143,10 +145,10 @@ class Florence2Processor:
                  preprocessor_config: dict | None = None):
         self.tokenizer = _with_florence_tokens(tokenizer or Tokenizer.from_file(str(ASSETS / "tokenizer.json")))
         if tokenizer_config is None:
-            tokenizer_config = _read_json(ASSETS / "tokenizer_config.json")
+            tokenizer_config = read_json(ASSETS / "tokenizer_config.json")
         if preprocessor_config is None:
-            preprocessor_config = _read_json(ASSETS / "preprocessor_config.json")
-        self.model_max_length = int(tokenizer_config.get("model_max_length", 1024))
+            preprocessor_config = read_json(ASSETS / "preprocessor_config.json")
+        self.model_max_length = int(tokenizer_config.get("model_max_length", MODEL_MAX_LENGTH))
         if image_size is not None:  # the stored image_seq_length belongs to the stored size: drop both
             preprocessor_config = {k: v for k, v in preprocessor_config.items() if k != "image_seq_length"}
             preprocessor_config["size"] = {"height": image_size, "width": image_size}
@@ -333,21 +335,21 @@ class Florence2Processor:
         Microsoft checkpoint uses the same tokenizer and preprocessing, so this is right unless the model was trained
         with other settings (another image size, say).
         """
-        def fetch(name: str) -> Path | None:
-            return _fetch(path_or_repo_id, revision, name)
+        def file_of(name: str) -> Path | None:
+            return hub.fetch(path_or_repo_id, name, revision)
 
         missing = []
         tokenizer = None
-        if (file := fetch("tokenizer.json")) is not None:
+        if (file := file_of("tokenizer.json")) is not None:
             tokenizer = Tokenizer.from_file(str(file))
-        elif (vocab := fetch("vocab.json")) is not None and (merges := fetch("merges.txt")) is not None:
+        elif (vocab := file_of("vocab.json")) is not None and (merges := file_of("merges.txt")) is not None:
             tokenizer = _bart_tokenizer(vocab, merges)
         else:
             missing.append("tokenizer.json (nor vocab.json + merges.txt)")
         configs = {}
         for name in ("tokenizer_config.json", "preprocessor_config.json"):
-            file = fetch(name)
-            configs[name] = _read_json(file) if file is not None else None
+            file = file_of(name)
+            configs[name] = read_json(file) if file is not None else None
             if file is None:
                 missing.append(name)
         if missing:
@@ -462,33 +464,3 @@ def _clean_up_tokenization(text: str) -> str:
                            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(spaced, joined)
     return text
-
-
-# ----------------------------------------------------------------------------------------- files
-def _fetch(path_or_repo_id: str | os.PathLike, revision: str | None, filename: str) -> Path | None:
-    """`filename` of a local checkpoint folder or hub repo (downloaded alone, or from the cache when offline);
-    None when the checkpoint has no such file."""
-    folder = Path(path_or_repo_id).expanduser()
-    if folder.is_dir():
-        return folder / filename if (folder / filename).is_file() else None
-    repo_id = str(path_or_repo_id)
-    if folder.exists() or repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
-        raise ValueError(f"{repo_id} is neither a checkpoint folder nor a hub repo id (owner/name)")
-    from huggingface_hub import _CACHED_NO_EXIST, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except LocalEntryNotFoundError as e:
-        # offline and not cached: missing only if the cache recorded that the repo has no such file
-        if try_to_load_from_cache(repo_id, filename, revision=revision) is _CACHED_NO_EXIST:
-            return None
-        raise FileNotFoundError(f"cannot download {filename} of {repo_id} (revision {revision or 'main'}) and it is "
-                                "not in the local Hugging Face cache") from e
-    except EntryNotFoundError:  # the repo has no such file
-        return None
-
-
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -16,7 +16,6 @@ Tensor transforms beside the renames:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, read_json
 
 LAYOUTS = ("ours", "microsoft", "transformers")
 
@@ -94,7 +95,8 @@ TIED_ALIASES = {
                      "model.language_model.decoder.embed_tokens.weight", "lm_head.weight"),
 }
 TRANSPOSED_IN_MICROSOFT = {"image_projection.weight"}  # ours: nn.Linear (out, in); Microsoft: (in, out)
-OPTIONAL_ON_LOAD = {"temporal_embedding", "language_model.final_logits_bias"}  # recomputed / zeros when absent
+FINAL_LOGITS_BIAS = "language_model.final_logits_bias"  # zeros in the released checkpoints; not in transformers'
+OPTIONAL_ON_LOAD = {"temporal_embedding", FINAL_LOGITS_BIAS}  # recomputed / zeros when absent
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -134,16 +136,20 @@ def weight_files(folder: Path) -> list[Path]:
         if path.is_file():
             if not name.endswith(".index.json"):
                 return [path]
-            try:
-                index = json.loads(path.read_text())
-                shards = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{path} is not a valid shard index ({e})") from None
+            shards = shard_names(path)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{path} lists shards that are not in {folder}: {missing}")
             return [folder / s for s in shards]
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a *.index.json lists."""
+    try:
+        return sorted(set(read_json(index)["weight_map"].values()))
+    except (ConfigError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
 
 
 def read_weights(files: list[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -174,8 +180,9 @@ def to_ours(state: dict[str, torch.Tensor], layout: str, expected: dict[str, tor
     """Rename a checkpoint of `layout` to our names and check it against `expected` (name -> shape).
 
     Every problem (unknown names, missing tensors, wrong shapes, aliases that differ from `shared`) is collected
-    and reported in one CheckpointError.
+    and reported in one CheckpointError; weights that fit the other layout better get one clear error instead.
     """
+    _check_layout_fits(state, layout)
     aliases = set(TIED_ALIASES[layout])
     ours, unknown, alias_values = {}, [], {}
     for key, tensor in state.items():
@@ -232,46 +239,31 @@ def from_ours(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Te
     return out
 
 
+def _check_layout_fits(state: dict[str, torch.Tensor], layout: str) -> None:
+    """A config of one layout with weights of the other gets one clear error instead of a list of every name."""
+    other = {"microsoft": "transformers", "transformers": "microsoft"}[layout]
+    fits = {name: sum(_known(k, name) for k in state) for name in (layout, other)}
+    if fits[other] > fits[layout]:
+        raise CheckpointError(f"config.json is in the {layout} layout but the weights use {other} names "
+                              f"({fits[other]} of {len(state)} tensors): a mixed-up folder?")
+
+
+def _known(key: str, layout: str) -> bool:
+    if key in TIED_ALIASES[layout]:
+        return True
+    try:
+        rename(key, layout, "ours")
+    except KeyError:
+        return False
+    return True
+
+
 def _listing(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-# ----------------------------------------------------------------------------------------- hub and saving
-def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None,
-                       files: tuple[str, ...] = ("config.json",), weights: bool = True) -> Path:
-    """A local folder as is; otherwise a hub repo id downloaded (only `files` and one weight format) with
-    huggingface_hub, which also serves it from the local cache when offline."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json and the weights")
-    repo_id = str(path_or_repo_id)
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
-        raise CheckpointError(f"{repo_id} is neither a local folder nor a hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    patterns = [list(files)]
-    if weights:  # one weight format: safetensors when the repo has it, otherwise pytorch_model.bin
-        patterns = [[*files, "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
-                    [*files, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]]
-    folder = None
-    for allow in patterns:
-        try:
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow))
-        except Exception as online_error:  # no network: fall back to what the cache holds
-            try:
-                folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow,
-                                                local_files_only=True))
-            except Exception:
-                raise CheckpointError(f"cannot download {repo_id} (revision {revision or 'main'}) and it is not in "
-                                      f"the local Hugging Face cache: {online_error}") from None
-        if not weights or any((folder / f).is_file() for f in WEIGHT_FILES):
-            return folder
-    return folder
-
-
+# ------------------------------------------------------------------------------------------------------ saving
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it into place, so that a crash or a full
     disk never leaves a half-written file under the real name."""

@@ -11,13 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from florence2 import weights
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"
-BIAS = "language_model.final_logits_bias"
-SHARED = "language_model.model.shared.weight"
-ALIASES = ("language_model.model.encoder.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
-           "language_model.lm_head.weight")
+# Microsoft's names of the bias buffer, the tied token embedding and its three aliases (tests/fixtures/
+# florence2-base.json lists the real checkpoint's names; test_model checks the key table against it)
+BIAS = weights.rename(weights.FINAL_LOGITS_BIAS, "ours", "microsoft")
+SHARED = weights.rename(weights.SHARED, "ours", "microsoft")
+ALIASES = weights.TIED_ALIASES["microsoft"]
 
 
 def tiny_reference_state() -> dict[str, torch.Tensor]:

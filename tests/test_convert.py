@@ -1,4 +1,5 @@
-"""tools/convert_weights.py and florence2.interop: Microsoft's layout <-> transformers' layout, without transformers.
+"""tools/convert_weights.py and florence2.transformers_layout: Microsoft's layout <-> transformers' layout, without
+transformers.
 
 (tests/test_transformers_parity.py loads the converted folders in transformers itself.)
 """
@@ -12,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from florence2 import CheckpointError, ConfigError, Florence2
-from florence2.interop import NOT_CARRIED_TO_TRANSFORMERS, padded_vocab_size, read_config
+from florence2 import CheckpointError, ConfigError, Florence2, Florence2Config
+from florence2.config import padded_vocab_size, read_config
+from florence2.transformers_layout import NOT_CARRIED_TO_TRANSFORMERS
 from florence2.weights import TIED_ALIASES, rename
 
 from .conftest import (
@@ -205,11 +207,25 @@ def test_partial_folder_names_the_missing_tensor(tmp_path, source, converted, la
         cw.convert(tmp_path, tmp_path / "out", "microsoft")
 
 
-def test_config_and_weights_of_different_layouts(tmp_path, source, converted):
-    shutil.copy(converted / "model.safetensors", tmp_path)
-    shutil.copy(source / "config.json", tmp_path)
-    with pytest.raises(CheckpointError, match="microsoft layout but the weights use transformers names"):
+@pytest.mark.parametrize("config_from", ["microsoft", "transformers"])
+def test_config_and_weights_of_different_layouts(tmp_path, source, converted, config_from):
+    # the converter and from_pretrained read checkpoints with the same function: the same clear error for both
+    config, weights_from = (source, converted) if config_from == "microsoft" else (converted, source)
+    shutil.copy(weights_from / "model.safetensors", tmp_path)
+    shutil.copy(config / "config.json", tmp_path)
+    other = {"microsoft": "transformers", "transformers": "microsoft"}[config_from]
+    message = f"config.json is in the {config_from} layout but the weights use {other} names"
+    with pytest.raises(CheckpointError, match=message):
         cw.convert(tmp_path, tmp_path / "out", "transformers")
+    with pytest.raises(CheckpointError, match=message):
+        Florence2.from_pretrained(tmp_path)
+
+
+def test_from_config_reads_the_transformers_layout(source, converted):
+    model = Florence2.from_config(converted, seed=0)
+    assert model.config == Florence2.from_pretrained(source).config
+    assert model.config == Florence2Config.from_json(converted / "config.json")
+    assert read_config(converted) == (model.config, "transformers")
 
 
 def test_destination_not_empty(source, tmp_path):

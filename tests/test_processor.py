@@ -383,7 +383,7 @@ def test_hub_repo_from_the_offline_cache(monkeypatch, tmp_path):
 
 
 def test_not_a_folder_nor_a_repo_id():
-    with pytest.raises(ValueError, match="neither a checkpoint folder nor a hub repo id"):
+    with pytest.raises(ValueError, match="neither a local folder nor a hub repo id"):
         Florence2Processor.from_pretrained("./no/such/folder")
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from florence2 import Florence2
-from florence2.interop import IMAGE_TOKEN
+from florence2.transformers_layout import IMAGE_TOKEN
 
 from .conftest import BIAS, TINY, load_case
 from .test_convert import VOCAB, cw

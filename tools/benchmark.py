@@ -1,7 +1,7 @@
 """Benchmark this package's Florence-2 against transformers' own (`Florence2ForConditionalGeneration`).
 
-Same config (base, or large with --size large), same random weights (ours converted with `interop.to_layout`), same
-inputs, both implementations in one run:
+Same config (base, or large with --size large), same random weights (ours converted with
+`transformers_layout.to_layout`), same inputs, both implementations in one run:
 
   forward   inference forward pass (eval, no_grad), batch 2; its FLOPs counted with FlopCounterMode, and the
             achieved FLOP/s as a fraction of this machine's fp32 matmul peak (measured in the run: large sgemm)
@@ -61,10 +61,12 @@ TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_"
 
 # ------------------------------------------------------------------------------------------- child: models, inputs
 def build_models(impl: str, args):
-    """Our model from a seeded random init; transformers' gets the same tensors through interop.to_layout."""
+    """Our model from a seeded random init; transformers' gets the same tensors through transformers_layout."""
     sys.path.insert(0, str(ROOT))
-    from florence2 import Florence2, interop
+    from florence2 import Florence2
+    from florence2 import transformers_layout as tl
     from florence2.config import PRESETS
+    from florence2.weights import TIED_ALIASES
 
     config = PRESETS[args.size]
     ours = Florence2.from_config(config, seed=0)
@@ -73,13 +75,11 @@ def build_models(impl: str, args):
     from transformers import Florence2Config as HFConfig
     from transformers import Florence2ForConditionalGeneration
 
-    hf_config = HFConfig.from_dict(interop.to_transformers_config(config))
+    hf_config = HFConfig.from_dict(tl.to_transformers_config(config))
     theirs = Florence2ForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa")
-    state = interop.to_layout(ours.state_dict(), "transformers", config)
+    state = tl.to_layout(ours.state_dict(), "transformers", config)
     missing, unexpected = theirs.load_state_dict(state, strict=False)
-    tied = {"model.language_model.encoder.embed_tokens.weight", "model.language_model.decoder.embed_tokens.weight",
-            "lm_head.weight"}
-    if unexpected or set(missing) - tied:
+    if unexpected or set(missing) - set(TIED_ALIASES["transformers"]):
         raise RuntimeError(f"weights do not fit transformers' model: missing {missing}, unexpected {unexpected}")
     del ours, state
     return config, theirs.to(args.device)

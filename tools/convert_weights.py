@@ -11,8 +11,10 @@ embedding once), `config.json`, and the tokenizer and processor files that side 
 - transformers: the tokenizer with the 1024 Florence tokens and `<image>`, preprocessor_config.json (with
   `image_seq_length`), processor_config.json and generation_config.json, so that `AutoProcessor` and
   `Florence2ForConditionalGeneration.from_pretrained(DST)` work offline.
-The tensor and config mapping is florence2.interop (which uses florence2.weights.KEY_MAP, as the loader does).
-Every file is written atomically; an existing non-empty DST is refused unless --overwrite.
+The source is read by florence2.model.load_state, as Florence2.from_pretrained reads it (florence2.weights.KEY_MAP,
+every tensor checked); florence2.transformers_layout writes the transformers side. Every file is written atomically;
+an existing non-empty DST is refused unless --overwrite. A mistake (a missing checkpoint, a bad folder, a bad flag)
+ends in one line on stderr and exit status 1 (2 for a bad flag).
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from florence2 import interop, weights
-from florence2.config import ConfigError
+from florence2 import transformers_layout as tl
+from florence2 import weights
+from florence2.config import read_json
+from florence2.hub import resolve_checkpoint
+from florence2.model import load_state
+from florence2.processor import ASSETS
 
-ASSETS = Path(interop.__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SIDE_FILES = {  # the tokenizer/processor files each layout's loaders read, copied as they are within a layout
     "microsoft": ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vocab.json", "merges.txt"),
@@ -53,19 +58,16 @@ def convert(src, dst, to: str, dtype: str | torch.dtype | None = None, *, drop_f
     if dtype is not None and dtype not in DTYPES.values():
         raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
     dst = Path(dst)
-    folder = weights.resolve_checkpoint(src, revision, files=SOURCE_FILES)
+    folder = resolve_checkpoint(src, revision, files=SOURCE_FILES)
     _check_destination(dst, folder, overwrite)
 
-    config, layout = interop.read_config(folder)
-    ours = interop.load_state(weights.read_weights(weights.weight_files(folder)), layout, config)
-    if dtype is not None:
-        ours = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ours.items()}
-    state = interop.to_layout(ours, to, config, drop_final_logits_bias=drop_final_logits_bias)
+    config, layout, ours = load_state(folder, dtype)
+    state = tl.to_layout(ours, to, config, drop_final_logits_bias=drop_final_logits_bias)
     stored_dtype = str(ours[weights.SHARED].dtype).removeprefix("torch.")
     files = side_files(folder, layout, to, config)
     if to == "transformers":
-        files["generation_config.json"] = files.get("generation_config.json") or interop.generation_config(config)
-        config_json = interop.to_transformers_config(config, dtype=stored_dtype)
+        files["generation_config.json"] = files.get("generation_config.json") or tl.generation_config(config)
+        config_json = tl.to_transformers_config(config, dtype=stored_dtype)
     else:
         config_json = {**config.to_dict(), "torch_dtype": stored_dtype}
 
@@ -82,22 +84,25 @@ def side_files(folder: Path, layout: str, to: str, config) -> dict[str, dict | P
     own = {}  # within a layout, the source's own files, where it has them; derived ones fill in the rest
     if layout == to:
         own = {name: folder / name for name in SIDE_FILES[to] if (folder / name).is_file()}
-    tokenizer = _json(folder, "tokenizer.json") or _json(ASSETS, "tokenizer.json")
-    tokenizer_config = _json(folder, "tokenizer_config.json") or {}
-    preprocessor = (_json(folder, "preprocessor_config.json")
-                    or (_json(folder, "processor_config.json") or {}).get("image_processor")
-                    or _json(ASSETS, "preprocessor_config.json"))
+    def json_file(where: Path, name: str) -> dict | None:
+        return read_json(where / name, required=False)
+
+    tokenizer = json_file(folder, "tokenizer.json") or json_file(ASSETS, "tokenizer.json")
+    tokenizer_config = json_file(folder, "tokenizer_config.json") or {}
+    preprocessor = (json_file(folder, "preprocessor_config.json")
+                    or (json_file(folder, "processor_config.json") or {}).get("image_processor")
+                    or json_file(ASSETS, "preprocessor_config.json"))
     vocab_size = config.text.vocab_size
     if to == "transformers":
-        derived = {"tokenizer.json": interop.transformers_tokenizer(tokenizer, vocab_size),
-                   "tokenizer_config.json": interop.transformers_tokenizer_config(tokenizer_config),
-                   "preprocessor_config.json": interop.transformers_preprocessor_config(preprocessor, config),
-                   "processor_config.json": interop.transformers_processor_config()}
+        derived = {"tokenizer.json": tl.transformers_tokenizer(tokenizer, vocab_size),
+                   "tokenizer_config.json": tl.transformers_tokenizer_config(tokenizer_config),
+                   "preprocessor_config.json": tl.transformers_preprocessor_config(preprocessor, config),
+                   "processor_config.json": tl.transformers_processor_config()}
     else:
-        derived = {"tokenizer.json": interop.microsoft_tokenizer(tokenizer, vocab_size),
-                   "tokenizer_config.json": interop.microsoft_tokenizer_config(tokenizer_config),
-                   "preprocessor_config.json": interop.microsoft_preprocessor_config(
-                       preprocessor, _json(ASSETS, "preprocessor_config.json"))}
+        derived = {"tokenizer.json": tl.microsoft_tokenizer(tokenizer, vocab_size),
+                   "tokenizer_config.json": tl.microsoft_tokenizer_config(tokenizer_config),
+                   "preprocessor_config.json": tl.microsoft_preprocessor_config(
+                       preprocessor, json_file(ASSETS, "preprocessor_config.json"))}
     return {**derived, **own}
 
 
@@ -114,16 +119,6 @@ def _check_destination(dst: Path, src: Path, overwrite: bool) -> None:
         if stale:
             raise FileExistsError(f"{dst} holds other weight files ({', '.join(stale)}) that loaders would mix up "
                                   "with the converted model.safetensors; remove them first")
-
-
-def _json(folder: Path, name: str) -> dict | None:
-    path = folder / name
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def _write(path: Path, content: dict | Path) -> None:
