@@ -163,40 +163,40 @@ class ChannelAttention(nn.Module):
         return {"": self, "qkv": self.qkv, "proj": self.proj}
 
 
-class SpatialBlock(nn.Module):
+class Block(nn.Module):
+    """x + dwconv(x), x + attn(LN(x)), x + dwconv(x), x + mlp(LN(x)), with stochastic depth on the two branches.
+    The attention is registered under its checkpoint name (`window_attn`, `channel_attn`) and reached as `attn`."""
+
+    def __init__(self, dim: int, attn_name: str, attn: nn.Module, drop_path: float):
+        super().__init__()
+        self.conv1 = DepthwiseConv(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn_name = attn_name
+        self.add_module(attn_name, attn)
+        self.conv2 = DepthwiseConv(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+
+    @property
+    def attn(self) -> nn.Module:
+        return getattr(self, self.attn_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv1(x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.conv2(x)
+        return x + self.drop_path(self.ffn(self.norm2(x)))
+
+
+class SpatialBlock(Block):
     def __init__(self, dim: int, num_heads: int, window_size: int, drop_path: float):
-        super().__init__()
-        self.conv1 = DepthwiseConv(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.window_attn = WindowAttention(dim, num_heads, window_size)
-        self.conv2 = DepthwiseConv(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffn = Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.conv1(x)
-        x = x + self.drop_path(self.window_attn(self.norm1(x)))
-        x = x + self.conv2(x)
-        return x + self.drop_path(self.ffn(self.norm2(x)))
+        super().__init__(dim, "window_attn", WindowAttention(dim, num_heads, window_size), drop_path)
 
 
-class ChannelBlock(nn.Module):
+class ChannelBlock(Block):
     def __init__(self, dim: int, num_groups: int, drop_path: float):
-        super().__init__()
-        self.conv1 = DepthwiseConv(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.channel_attn = ChannelAttention(dim, num_groups)
-        self.conv2 = DepthwiseConv(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffn = Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.conv1(x)
-        x = x + self.drop_path(self.channel_attn(self.norm1(x)))
-        x = x + self.conv2(x)
-        return x + self.drop_path(self.ffn(self.norm2(x)))
+        super().__init__(dim, "channel_attn", ChannelAttention(dim, num_groups), drop_path)
 
 
 class DualBlock(nn.Module):

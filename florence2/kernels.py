@@ -166,12 +166,12 @@ def _spatial_block_inplace(block, x: torch.Tensor) -> None:
     """SpatialBlock.forward on a contiguous x, in place. Windows do not overlap, so each band of window rows can
     take its attention output as soon as it is computed."""
     x += block.conv1(x)
-    ws = block.window_attn.window_size
+    ws = block.attn.window_size
     rows = ws * max(1, BAND_TOKENS // (ws * x.shape[2]))
     for b in range(x.shape[0]):
         for top in range(0, x.shape[1], rows):
             band = x[b:b + 1, top:top + rows]
-            band += block.window_attn(block.norm1(band))
+            band += block.attn(block.norm1(band))
     x += block.conv2(x)
     for t in _chunks(x.view(-1, x.shape[-1]), block.ffn.fc1.out_features):  # the MLP acts on each token alone
         t += block.ffn(block.norm2(t))
@@ -182,7 +182,7 @@ def _channel_block_inplace(block, x: torch.Tensor) -> None:
     image at a time (folded in two passes over chunks when that kernel is on: the scores, then the map)."""
     x += block.conv1(x)
     B, H, W, C = x.shape
-    attn = block.channel_attn
+    attn = block.attn
     for b in range(B):
         if "folded_channel_attention" in attn.active_kernels and worth_folding(attn, H * W):
             tokens = x[b].view(H * W, C)

@@ -146,55 +146,56 @@ class DecoderLayer(nn.Module):
         return self.final_layer_norm(h + _feed_forward(self, h))
 
 
-class Encoder(nn.Module):
-    def __init__(self, c: TextConfig):
+class Stack(nn.Module):
+    """What the encoder and the decoder share: learned positions and `layernorm_embedding` on the input, then the
+    layers, each skipped with probability `layerdrop` in training, or recomputed in backward (gradient
+    checkpointing)."""
+
+    def __init__(self, c: TextConfig, layer: type[nn.Module], num_layers: int, layerdrop: float):
         super().__init__()
         self.embed_positions = LearnedPositions(c.max_position_embeddings, c.d_model)
         self.layernorm_embedding = nn.LayerNorm(c.d_model)
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
-        self.dropout, self.layerdrop = c.dropout, c.encoder_layerdrop
+        self.layers = nn.ModuleList(layer(c) for _ in range(num_layers))
+        self.dropout, self.layerdrop = c.dropout, layerdrop
         self.gradient_checkpointing = False
+
+    def embed(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.layernorm_embedding(embeds + self.embed_positions(positions))
+        return F.dropout(h, p=self.dropout, training=self.training)
+
+    def run(self, layer: nn.Module, h: torch.Tensor, *args) -> torch.Tensor:
+        if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+            return h
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, h, *args, use_reentrant=False)
+        return layer(h, *args)
+
+
+class Encoder(Stack):
+    def __init__(self, c: TextConfig):
+        super().__init__(c, EncoderLayer, c.encoder_layers, c.encoder_layerdrop)
 
     def forward(self, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """embeds (B, S, D) (image tokens then prompt tokens); mask (B, S) bool, True for real tokens, or None."""
-        positions = torch.arange(embeds.shape[1], device=embeds.device)
-        h = self.layernorm_embedding(embeds + self.embed_positions(positions))
-        h = F.dropout(h, p=self.dropout, training=self.training)
+        h = self.embed(embeds, torch.arange(embeds.shape[1], device=embeds.device))
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.layers:
-            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
-                continue
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, attn_mask, use_reentrant=False)
-            else:
-                h = layer(h, attn_mask)
+            h = self.run(layer, h, attn_mask)
         return h
 
 
-class Decoder(nn.Module):
+class Decoder(Stack):
     def __init__(self, c: TextConfig):
-        super().__init__()
-        self.embed_positions = LearnedPositions(c.max_position_embeddings, c.d_model)
-        self.layernorm_embedding = nn.LayerNorm(c.d_model)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
-        self.dropout, self.layerdrop = c.dropout, c.decoder_layerdrop
-        self.gradient_checkpointing = False
+        super().__init__(c, DecoderLayer, c.decoder_layers, c.decoder_layerdrop)
 
     def forward(self, embeds: torch.Tensor, encoder_out: torch.Tensor | None, encoder_mask: torch.Tensor | None,
                 cache: list[LayerCache] | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(embeds.shape[1], device=embeds.device)
-        h = self.layernorm_embedding(embeds + self.embed_positions(positions))
-        h = F.dropout(h, p=self.dropout, training=self.training)
+        h = self.embed(embeds, positions)
         attn_mask = None if encoder_mask is None else encoder_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
-            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
-                continue
-            layer_cache = None if cache is None else cache[i]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, encoder_out, attn_mask, use_reentrant=False)
-            else:
-                h = layer(h, encoder_out, attn_mask, layer_cache, positions)
+            h = self.run(layer, h, encoder_out, attn_mask, None if cache is None else cache[i], positions)
         return h
 
 

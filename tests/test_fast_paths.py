@@ -20,9 +20,10 @@ def tiny_model(window_size: int = 7, seed: int = 3) -> Florence2:
     config = with_changes(PRESETS["tiny"], vision={"window_size": window_size, "drop_path_rate": 0.0},
                           text={"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0})
     model = Florence2.from_config(config, seed=seed)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # nonzero biases and norms everywhere, unlike the init
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
 
 
@@ -133,7 +134,7 @@ def test_training_kernels_give_the_reference_loss_and_gradients():
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         model.zero_grad()
     (reference_loss, reference), (loss, grads) = results
-    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)  # float32 rounding of a ~11 loss
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
