@@ -256,10 +256,58 @@ def _sample(model, encoder_out, encoder_mask, opts: GenerateOptions):
     return GenerateOutput(sequences[:, :cur_len], token_scores[:, :cur_len - 1], token_scores.sum(dim=1))
 
 
+NEG = -1.0e9  # the score of what may not be chosen (transformers' beam search uses the same finite value)
+
+
+@dataclass
+class Hypotheses:
+    """Hypotheses of every batch row, as (batch, n, ...) tensors."""
+
+    tokens: torch.Tensor  # (batch, n, max_length): the start token, the generated tokens, then pad
+    scores: torch.Tensor  # (batch, n): sum of log-probs (finished ones: / generated length ** length_penalty)
+    sources: torch.Tensor  # (batch, n, max_length - 1): per step, the decoder row it grew from; -1: no step
+    token_scores: torch.Tensor  # (batch, n, max_length - 1): per step, the chosen token's log-prob
+
+    def take(self, index: torch.Tensor) -> Hypotheses:
+        """The hypotheses at `index` (batch, k) of each row (new tensors)."""
+        return type(self)(**{f.name: _take(getattr(self, f.name), index) for f in dataclasses.fields(self)})
+
+    def extend(self, beam: torch.Tensor, token: torch.Tensor, scores: torch.Tensor, token_scores: torch.Tensor,
+               step: int, rows: torch.Tensor) -> Hypotheses:
+        """The candidates of a step: for each (batch, k) pick, the hypothesis `beam` plus `token` at `step`, grown
+        from decoder row `rows` + beam, with its new total `scores` and the token's log-prob `token_scores`."""
+        grown = Hypotheses(_take(self.tokens, beam), scores, _take(self.sources, beam), _take(self.token_scores, beam))
+        grown.tokens[:, :, step] = token
+        grown.sources[:, :, step - 1] = beam + rows
+        grown.token_scores[:, :, step - 1] = token_scores
+        return grown
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (batch, n, ...) at index (batch, k) along the hypotheses -> (batch, k, ...)."""
+    return t.gather(1, index.view(*index.shape, *[1] * (t.ndim - 2)).expand(*index.shape, *t.shape[2:]))
+
+
+@dataclass
+class Finished(Hypotheses):
+    """The best finished hypotheses so far: num_beams slots per row, `done` where a slot holds one."""
+
+    done: torch.Tensor  # (batch, n) bool
+
+    def merge(self, candidates: Hypotheses, ended: torch.Tensor, scores: torch.Tensor) -> Finished:
+        """The best of these and the `ended` candidates, ranked by the candidates' final `scores` (NEG for those
+        that may not enter): as many as there are slots."""
+        pool = [self, Finished(candidates.tokens, scores, candidates.sources, candidates.token_scores, ended)]
+        merged = Finished(**{f.name: torch.cat([getattr(h, f.name) for h in pool], dim=1)
+                             for f in dataclasses.fields(self)})
+        return merged.take(torch.topk(merged.scores, self.scores.shape[1]).indices)
+
+
 def _beam_search(model, encoder_out, encoder_mask, opts: GenerateOptions):
-    """transformers' beam search (the vectorized version of transformers >= 4.50), step for step."""
+    """transformers' beam search (the vectorized version of transformers >= 4.50), step for step: each step, the
+    2 * num_beams best continuations of the running beams; the best num_beams of them that did not end run on,
+    those among the top num_beams that ended (</s>, or the last position) enter the finished set if they beat it."""
     text = model.config.text
-    eos, pad = text.eos_token_id, text.pad_token_id
     vocab = model.language_model.shared.weight.shape[0]
     batch, beams = encoder_out.shape[0], opts.num_beams
     keep = 2 * beams  # candidates per step: enough to continue num_beams beams even if all others end
@@ -267,101 +315,87 @@ def _beam_search(model, encoder_out, encoder_mask, opts: GenerateOptions):
     device = encoder_out.device
     decoder = _Decoder(model, encoder_out, encoder_mask, beams, max_length)
     generator = torch.Generator(device).manual_seed(opts.seed) if opts.seed is not None else None
-    neg = -1.0e9
-
-    running = torch.full((batch, beams, max_length), pad, dtype=torch.long, device=device)
-    running[:, :, 0] = text.decoder_start_token_id
-    running_scores = torch.zeros(batch, beams, device=device)
-    running_scores[:, 1:] = neg  # all beams start identical: only the first may expand at step one
-    running_sources = torch.full((batch, beams, max_length - 1), -1, dtype=torch.long, device=device)
-    running_token_scores = torch.zeros(batch, beams, max_length - 1, device=device)
-    finished = running.clone()
-    finished_scores = torch.full((batch, beams), neg, device=device)
-    finished_sources = running_sources.clone()
-    finished_token_scores = running_token_scores.clone()
-    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)[:, None] * beams  # each row's first beam in the flat decoder
     top_beams = torch.arange(keep, device=device) < beams
-    batch_offset = torch.arange(batch, device=device)[:, None] * beams
+
+    start = torch.full((batch, beams, max_length), text.pad_token_id, dtype=torch.long, device=device)
+    start[:, :, 0] = text.decoder_start_token_id
+    no_steps = torch.zeros(batch, beams, max_length - 1, device=device)
+    first_only = torch.zeros(batch, beams, device=device)
+    first_only[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
+    running = Hypotheses(start, first_only, torch.full(no_steps.shape, -1, dtype=torch.long, device=device), no_steps)
+    finished = Finished(start.clone(), torch.full((batch, beams), NEG, device=device), running.sources.clone(),
+                        no_steps.clone(), torch.zeros(batch, beams, dtype=torch.bool, device=device))
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
 
     cur_len = 1
     while True:
-        flat = running.view(batch * beams, max_length)
+        flat = running.tokens.view(batch * beams, max_length)
         forced = _forced_token(cur_len, max_length, opts)
         logits = decoder.step(flat[:, cur_len - 1], cur_len - 1, logits=forced is None)
         if forced is None:
-            log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, opts, eos)
+            log_probs = _process(logits.float().log_softmax(dim=-1), flat, cur_len, opts, text.eos_token_id)
         else:
             log_probs = _forced_scores(forced, batch * beams, vocab, device)
-        processed = log_probs.view(batch, beams * vocab)
-        accumulated = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        if opts.do_sample:
-            probs = _warp(accumulated, opts, min_keep=2).softmax(dim=-1)
-            top_idx = torch.multinomial(probs, keep, generator=generator)
-            top_scores, order = accumulated.gather(1, top_idx).sort(dim=-1, descending=True)
-            top_idx = top_idx.gather(1, order)
-        else:
-            top_scores, top_idx = torch.topk(accumulated, keep)  # (batch, keep)
-        source_beam = top_idx // vocab
-        tokens = top_idx % vocab
-        cand = running.gather(1, source_beam[:, :, None].expand(-1, -1, max_length)).clone()
-        cand[:, :, cur_len] = tokens
-        cand_sources = running_sources.gather(1, source_beam[:, :, None].expand(-1, -1, max_length - 1)).clone()
-        cand_sources[:, :, cur_len - 1] = source_beam + batch_offset
-        cand_token_scores = running_token_scores.gather(1, source_beam[:, :, None].expand(-1, -1, max_length - 1))
-        cand_token_scores = cand_token_scores.clone()
-        cand_token_scores[:, :, cur_len - 1] = processed.gather(1, top_idx)
-        ends = (tokens == eos) | (cur_len + 1 >= max_length)  # (batch, keep)
+        totals = (log_probs.view(batch, beams, vocab) + running.scores[:, :, None]).view(batch, -1)
+        top_scores, picked = _choose(totals, keep, opts, generator)  # (batch, keep) of beam * vocab + token
+        tokens = picked % vocab
+        candidates = running.extend(picked // vocab, tokens, top_scores, log_probs.view(batch, -1).gather(1, picked),
+                                    cur_len, rows)
+        ends = (tokens == text.eos_token_id) | (cur_len + 1 >= max_length)  # (batch, keep)
 
-        # Continue with the best num_beams candidates that did not end.
-        still_running = top_scores + ends.float() * neg
-        next_idx = torch.topk(still_running, beams).indices
-        running = cand.gather(1, next_idx[:, :, None].expand(-1, -1, max_length))
-        running_scores = still_running.gather(1, next_idx)
-        running_sources = cand_sources.gather(1, next_idx[:, :, None].expand(-1, -1, max_length - 1))
-        running_token_scores = cand_token_scores.gather(1, next_idx[:, :, None].expand(-1, -1, max_length - 1))
+        # The best num_beams candidates that did not end run on.
+        still_running = dataclasses.replace(candidates, scores=top_scores + ends.float() * NEG)
+        running = still_running.take(torch.topk(still_running.scores, beams).indices)
 
-        # Candidates among the top num_beams that ended become hypotheses if they beat the finished ones.
+        # Those among the top num_beams that ended are finished hypotheses, if they beat the finished ones.
+        length_normalized = top_scores / (cur_len**opts.length_penalty)  # cur_len + 1 tokens minus the start
+        full = finished.done.all(dim=-1, keepdim=True) & (opts.early_stopping is True)
         just_finished = ends & top_beams[None, :]
-        hyp_scores = top_scores / (cur_len**opts.length_penalty)  # cur_len + 1 tokens minus the start token
-        full = is_finished.all(dim=-1, keepdim=True) & (opts.early_stopping is True)
-        hyp_scores = hyp_scores + full.float() * neg + (~improvable).float() * neg + (~just_finished).float() * neg
-        merged_scores = torch.cat([finished_scores, hyp_scores], dim=1)
-        best = torch.topk(merged_scores, beams).indices
-        finished = torch.cat([finished, cand], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
-        finished_scores = merged_scores.gather(1, best)
-        finished_sources = torch.cat([finished_sources, cand_sources], dim=1).gather(
-            1, best[:, :, None].expand(-1, -1, max_length - 1))
-        finished_token_scores = torch.cat([finished_token_scores, cand_token_scores], dim=1).gather(
-            1, best[:, :, None].expand(-1, -1, max_length - 1))
-        is_finished = torch.cat([is_finished, just_finished], dim=1).gather(1, best)
+        scores = length_normalized + full.float() * NEG + (~improvable).float() * NEG + (~just_finished).float() * NEG
+        finished = finished.merge(candidates, just_finished, scores)
 
-        decoder.reorder(running_sources[:, :, cur_len - 1].reshape(-1))
+        decoder.reorder(running.sources[:, :, cur_len - 1].reshape(-1))
         cur_len += 1
-        improvable = improvable & _can_improve(running_scores, finished_scores, is_finished, cur_len, max_length,
-                                               opts)
-        open_beam = not (bool(is_finished.all()) and opts.early_stopping is True)
+        improvable = improvable & _can_improve(running, finished, cur_len, max_length, opts)
+        open_beam = not (bool(finished.done.all()) and opts.early_stopping is True)
         if not (bool(improvable.any()) and open_beam and not bool(ends.all())):
             break
-
-    n = opts.num_return_sequences
-    sequences = finished[:, :n].reshape(batch * n, max_length)
-    sources = finished_sources[:, :n].reshape(batch * n, -1)
-    generated = int((sources >= 0).sum(dim=1).max())
-    sequences = sequences[:, :1 + generated]
-    if not opts.return_scores:
-        return sequences
-    token_scores = finished_token_scores[:, :n].reshape(batch * n, -1)[:, :generated]
-    token_scores = token_scores.masked_fill(sources[:, :generated] < 0, 0.0)
-    return GenerateOutput(sequences, token_scores, finished_scores[:, :n].reshape(-1))
+    return _best(finished, opts)
 
 
-def _can_improve(running_scores, finished_scores, is_finished, cur_len, max_length, opts) -> torch.Tensor:
+def _choose(totals: torch.Tensor, keep: int, opts: GenerateOptions, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` best of the (batch, beams * vocab) continuation scores, or with do_sample `keep` drawn from the
+    warped distribution, best first: (scores, indices), each (batch, keep)."""
+    if not opts.do_sample:
+        return torch.topk(totals, keep)
+    picked = torch.multinomial(_warp(totals, opts, min_keep=2).softmax(dim=-1), keep, generator=generator)
+    scores, order = totals.gather(1, picked).sort(dim=-1, descending=True)
+    return scores, picked.gather(1, order)
+
+
+def _can_improve(running: Hypotheses, finished: Finished, cur_len: int, max_length: int,
+                 opts: GenerateOptions) -> torch.Tensor:
     """transformers' early-stopping heuristic: can the best running beam still beat the worst finished one?"""
     if opts.early_stopping == "never" and opts.length_penalty > 0.0:
         best_length = max_length - 1
     else:
         best_length = cur_len - 1
-    best_running = running_scores[:, :1] / (best_length ** opts.length_penalty)
-    worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
+    best_running = running.scores[:, :1] / (best_length ** opts.length_penalty)
+    worst_finished = torch.where(finished.done, finished.scores.min(dim=1, keepdim=True).values, NEG)
     return (best_running > worst_finished).any(dim=-1, keepdim=True)
+
+
+def _best(finished: Finished, opts: GenerateOptions) -> torch.Tensor | GenerateOutput:
+    """The num_return_sequences best finished hypotheses of each row, cut to the longest generation."""
+    n = opts.num_return_sequences
+    batch, _, max_length = finished.tokens.shape
+    sequences = finished.tokens[:, :n].reshape(batch * n, max_length)
+    sources = finished.sources[:, :n].reshape(batch * n, -1)
+    generated = int((sources >= 0).sum(dim=1).max())
+    sequences = sequences[:, :1 + generated]
+    if not opts.return_scores:
+        return sequences
+    token_scores = finished.token_scores[:, :n].reshape(batch * n, -1)[:, :generated]
+    token_scores = token_scores.masked_fill(sources[:, :generated] < 0, 0.0)
+    return GenerateOutput(sequences, token_scores, finished.scores[:, :n].reshape(-1))
