@@ -26,7 +26,8 @@ task's usual shape:
   <sep>/<poly>/</poly> tokens.
 - A loc index past 999 (not a token of the vocabulary, so only in hand-written text) counts as 999, so every
   coordinate lies inside the image; the original would extrapolate, or overflow int64 for absurd indices.
-Nothing here raises on odd text; only a bad `image_size` (a caller's bug) raises ValueError.
+Nothing here raises on odd text; only a bad `image_size` (a caller's bug) raises ValueError, or a missing one for a
+task with coordinates (pure-text tasks need none, as in the original).
 """
 
 from __future__ import annotations
@@ -118,11 +119,11 @@ def parse_type(task: str) -> str:
     return PARSE_TYPES.get(task, "pure_text")
 
 
-def post_process_generation(text: str | None, task: str, image_size: Sequence[float], *,
+def post_process_generation(text: str | None, task: str, image_size: Sequence[float] | None = None, *,
                             token_spans: Sequence[tuple[int, int]] | None = None,
                             token_scores: Sequence[float] | None = None) -> dict:
     """{task: answer} for the generated `text` (decoded with special tokens) of an image of `image_size`
-    (width, height) in pixels.
+    (width, height) in pixels, which tasks with coordinates need and pure-text tasks do without.
 
     Answers by parse type:
         pure_text: str
@@ -134,7 +135,6 @@ def post_process_generation(text: str | None, task: str, image_size: Sequence[fl
     box answers of "description_with_bboxes" also get "scores": exp(mean log-prob of the box's four loc tokens).
     `text` None counts as "" (an empty answer).
     """
-    _check_image_size(image_size)
     if not isinstance(task, str):
         raise ValueError(f"task must be a task token such as '<OD>', got {task!r}")
     if text is None:
@@ -143,7 +143,10 @@ def post_process_generation(text: str | None, task: str, image_size: Sequence[fl
         raise TypeError(f"text must be the decoded generation (str), got {type(text).__name__}")
     kind = parse_type(task)
     if kind == "pure_text":
+        if image_size is not None:
+            _check_image_size(image_size)
         return {task: text.replace("<s>", "").replace("</s>", "")}
+    _check_image_size(image_size)
     if kind == "ocr":
         return {task: _parse_ocr(text, image_size)}
 

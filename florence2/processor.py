@@ -303,7 +303,8 @@ class Florence2Processor:
         """{task: answer} for a generated `text` (decoded with special tokens), or for a generated `sequence`
         (1-D ids starting with the decoder start token) with its `transition_scores` (one log-prob per token after
         the start), which adds detection "scores" to <OD> / <DENSE_REGION_CAPTION> answers. `image_size` is
-        (width, height) of the original image. See postprocess.post_process_generation for the answers."""
+        (width, height) of the original image, needed for tasks with coordinates (not for captions, OCR, VQA...).
+        See postprocess.post_process_generation for the answers."""
         if task is None:
             raise ValueError("task is required, e.g. task='<OD>'")
         if sequence is None:

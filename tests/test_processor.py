@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken, Tokenizer
 
 import florence2
+from florence2.postprocess import PARSE_TYPES
 from florence2.processor import ASSETS, Florence2Processor, to_pil
 from tests.conftest import TINY
 
@@ -278,6 +279,32 @@ def test_post_process_text(processor):
     assert answer == {"<OD>": {"bboxes": [[pytest.approx(34.24, abs=1e-4), pytest.approx(160.08, abs=1e-4),
                                            pytest.approx(597.44, abs=1e-4), pytest.approx(371.76, abs=1e-4)]],
                                "labels": ["car"]}}
+
+
+PURE_TEXT = [task for task, kind in PARSE_TYPES.items() if kind == "pure_text"] + ["<DocVQA>", "<VQA>", "free text"]
+
+
+@pytest.mark.parametrize("task", PURE_TEXT)
+def test_pure_text_tasks_need_no_image_size(processor, task):
+    # as the original's post_process_generation: the size only matters for coordinates
+    assert processor.post_process_generation("</s><s>a red car</s>", task=task) == {task: "a red car"}
+    sequence = [2, *processor.text_ids("a red car")]
+    assert processor.post_process_generation(sequence=sequence, task=task) == {task: "a red car"}
+
+
+@pytest.mark.parametrize("task", [task for task, kind in PARSE_TYPES.items() if kind != "pure_text"])
+def test_tasks_with_coordinates_still_need_the_image_size(processor, task):
+    with pytest.raises(ValueError, match=r"image_size must be \(width, height\)"):
+        processor.post_process_generation("</s><s>car<loc_1><loc_2><loc_3><loc_4></s>", task=task)
+    with pytest.raises(ValueError, match=r"image_size must be \(width, height\)"):
+        processor.post_process_generation("</s><s>a car</s>", task="<CAPTION>", image_size=(0, 4))  # bad if given
+
+
+def test_the_processor_is_exported_at_the_top_level():
+    from florence2 import Florence2, Florence2Processor  # as transformers users write it
+
+    assert Florence2Processor is florence2.processor.Florence2Processor
+    assert Florence2 is florence2.model.Florence2
 
 
 def test_scores_are_exp_mean_of_the_loc_token_scores(processor):
