@@ -221,12 +221,15 @@ class LanguageModel(nn.Module):
         return (head(h, self.shared.weight) + self.final_logits_bias).float()
 
     def new_cache(self, encoder_out: torch.Tensor, max_length: int) -> list[LayerCache]:
-        """Empty self-attention buffers of `max_length` positions and the cross keys/values of `encoder_out`."""
+        """Empty self-attention buffers of `max_length` positions and the cross keys/values of `encoder_out`.
+        The buffers take the dtype of the projected keys: under autocast that is the autocast dtype (bf16), while
+        `encoder_out`, a LayerNorm's output, stays float32."""
         B = encoder_out.shape[0]
         cache = []
         for layer in self.decoder.layers:
             attn = layer.self_attn
             shape = (B, attn.num_heads, max_length, self.config.d_model // attn.num_heads)
             cross_k, cross_v = layer.encoder_attn.project_kv(encoder_out)
-            cache.append(LayerCache(encoder_out.new_zeros(shape), encoder_out.new_zeros(shape), cross_k, cross_v))
+            k, v = (cross_k.new_zeros(shape) for _ in range(2))
+            cache.append(LayerCache(k, v, cross_k, cross_v))
         return cache

@@ -166,3 +166,18 @@ def test_default_max_new_tokens():
     assert GenerateOptions.from_model(PRESETS["base"]).max_new_tokens == 1024  # not the original's silent 20
     assert GenerateOptions.from_model(PRESETS["tiny"]).max_new_tokens == 256  # capped by the position table
     assert GenerateOptions.from_model(PRESETS["base"]).num_beams == 3
+
+
+def test_generate_under_bf16_autocast(model):
+    # The cache takes the keys' dtype (bf16 under autocast), not the encoder output's (float32 after LayerNorm).
+    ref = load_case("case0")
+    options = dict(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"], max_new_tokens=8, num_beams=3,
+                   no_repeat_ngram_size=0, forced_bos_token_id=None, forced_eos_token_id=None, return_scores=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(**options)
+    with torch.no_grad():  # float32: the log-probs of the tokens bf16 chose
+        logits = model(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"],
+                       decoder_input_ids=out.sequences[:, :-1]).logits
+    fp32 = logits.log_softmax(-1).gather(-1, out.sequences[:, 1:, None])[..., 0]
+    generated = out.sequences[:, 1:] != 1
+    torch.testing.assert_close(out.scores[generated], fp32[generated], rtol=0, atol=0.05)
