@@ -1,17 +1,21 @@
-"""python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]"""
+"""python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]
+
+A mistake (no such image, a checkpoint that cannot be found, a bad flag, dtype or device) ends in one line on
+stderr and a non-zero exit status (florence2.cli)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from . import cli
 
 
 def main(argv=None) -> int:
     from .postprocess import TASKS
 
-    p = argparse.ArgumentParser(prog="python -m florence2", description="Run a Florence-2 task on an image.")
+    p = cli.ArgumentParser(prog="python -m florence2", description="Run a Florence-2 task on an image.")
     p.add_argument("image", type=Path, help="an image file")
     p.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}; or <DocVQA>, <VQA>, free text")
     p.add_argument("--text", default=None, help="the task's input: a phrase, a question, or region loc tokens")
@@ -24,7 +28,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except cli.USER_ERRORS as e:
+        return cli.report(p.prog, e)
 
+
+def run(args) -> int:
     import torch
     from PIL import Image
 
@@ -32,12 +42,12 @@ def main(argv=None) -> int:
     from .model import Florence2
 
     if not args.image.is_file():
-        p.error(f"no image file at {args.image}")
+        raise FileNotFoundError(f"no image file at {args.image}")
     try:
         with Image.open(args.image) as opened:
             image = opened.copy()
     except OSError as e:
-        p.error(f"cannot read {args.image} as an image: {e}")
+        raise ValueError(f"cannot read {args.image} as an image: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))

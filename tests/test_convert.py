@@ -266,3 +266,28 @@ def test_hub_id_from_the_local_cache(tmp_path, source, monkeypatch):
     out = cw.convert("someone/florence-tiny", tmp_path / "out", "transformers")
     assert load_file(out / "model.safetensors").keys() == load_file(
         cw.convert(source, tmp_path / "local", "transformers") / "model.safetensors").keys()
+
+
+def test_cli_mistakes_end_in_one_line(source, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cases = [
+        ([str(tmp_path / "no" / "such"), str(tmp_path / "a"), "--to", "transformers"], 1,
+         "neither a local folder nor a hub repo id"),
+        (["someone/not-cached", str(tmp_path / "b"), "--to", "transformers"], 1,
+         "cannot download config.json of someone/not-cached (revision main) and it is not in the local Hugging Face "
+         "cache (HF_HUB_OFFLINE is set)"),
+        ([str(source), str(source), "--to", "microsoft", "--overwrite"], 1, "is the source folder"),
+        ([str(source), str(tmp_path / "c"), "--to", "onnx"], 2, "invalid choice: 'onnx'"),
+        ([str(source), str(tmp_path / "d"), "--to", "transformers", "--dtype", "int8"], 2, "invalid choice: 'int8'"),
+    ]
+    for argv, expected_status, message in cases:
+        try:
+            status = cw.main(argv)
+        except SystemExit as e:
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == expected_status and err.startswith("convert_weights.py: error: "), (argv, err)
+        assert message in err and err.count("\n") == 1, (argv, err)

@@ -1,7 +1,10 @@
 """The one-call API (Florence2.predict) and the command line, on the small reference model."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from florence2.__main__ import main
 from florence2.postprocess import PARSE_TYPES, TASKS_WITH_INPUT
 from florence2.processor import Florence2Processor
 
-from .conftest import TINY
+from .conftest import ROOT, TINY
 
 IMAGE = TINY / "images" / "rgb_640x480.png"
 TASK_INPUTS = {"<CAPTION_TO_PHRASE_GROUNDING>": "a green car", "<REFERRING_EXPRESSION_SEGMENTATION>": "a car",
@@ -111,3 +114,50 @@ def test_draw_puts_the_boxes_where_the_parsed_coordinates_say(model_dir, tmp_pat
         assert drawn.getpixel((x, y)) != white_pixel, (x, y)
     for x, y in ((int(x1) - 15, mid_y + 20), (int(x2) + 15, mid_y), (mid_x, int(y2) + 15)):  # just outside
         assert drawn.getpixel((x, y)) == white_pixel, (x, y)
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def test_mistakes_end_in_one_line(model_dir, tmp_path, capsys):
+    page = tmp_path / "page.png"
+    Image.new("RGB", (40, 30), "white").save(page)
+    (tmp_path / "notes.txt").write_text("not an image")
+    model = ["--model", str(model_dir)]
+    cases = [
+        ([str(tmp_path / "missing.png"), "--task", "<OD>", *model], 1, "no image file at"),
+        ([str(tmp_path / "notes.txt"), "--task", "<OD>", *model], 1, "as an image"),
+        ([str(page), "--task", "<OD>", *model, "--dtype", "float13"], 1, "unknown dtype 'float13'"),
+        ([str(page), "--task", "<OD>", *model, "--device", "tpu9"], 1, "unknown device 'tpu9'"),
+        ([str(page), "--task", "<OD>", *model, "--text", "extra"], 1, "task token <OD> takes no input"),
+        ([str(page), "--task", "<OD>", *model, "--num-beams", "0"], 1, "num_beams must be a positive integer"),
+        ([str(page), "--task", "<OD>", "--model", str(tmp_path / "no" / "such")], 1,
+         "neither a local folder nor a hub repo id"),
+        ([str(page), "--task", "<OD>", *model, "--num-beams", "three"], 2, "invalid int value: 'three'"),
+        ([str(page)], 2, "the following arguments are required: --task"),
+    ]
+    for argv, expected_status, message in cases:
+        status, err = run_main(argv, capsys)
+        assert status == expected_status, (argv, err)
+        assert err.startswith("python -m florence2: error: ") and message in err, (argv, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_offline_without_the_checkpoint(tmp_path):
+    # as a new user would meet it: no network, an empty Hugging Face cache, the default model
+    page = tmp_path / "page.png"
+    Image.new("RGB", (40, 30), "white").save(page)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "florence2", str(page), "--task", "<OD>"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr == ("python -m florence2: error: cannot download config.json of microsoft/Florence-2-base-ft "
+                           "(revision main) and it is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)\n")
+    assert proc.stdout == ""

@@ -19,7 +19,6 @@ ends in one line on stderr and exit status 1 (2 for a bad flag).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -29,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from florence2 import cli, weights
 from florence2 import transformers_layout as tl
-from florence2 import weights
 from florence2.config import read_json
 from florence2.hub import resolve_checkpoint
 from florence2.model import load_state
@@ -132,7 +131,7 @@ def _write(path: Path, content: dict | Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="convert_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="checkpoint folder or hub id, in Microsoft's or transformers' layout")
     p.add_argument("dst", help="output folder (new or empty)")
     p.add_argument("--to", required=True, choices=["microsoft", "transformers"], help="layout to write")
@@ -145,9 +144,8 @@ def main(argv=None) -> int:
     try:
         out = convert(args.src, args.dst, args.to, args.dtype, drop_final_logits_bias=args.drop_final_logits_bias,
                       overwrite=args.overwrite, revision=args.revision)
-    except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except cli.USER_ERRORS as e:  # CheckpointError and ConfigError are ValueErrors
+        return cli.report(p.prog, e)
     print(f"wrote {args.to} layout to {out}")
     return 0
 
