@@ -26,10 +26,21 @@ def test_benchmark_runs_on_tiny(tmp_path, capsys):
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     assert "training step" in table and "beam 3" in table and "matmul peak" in table
+    samples = report["samples"]
     for impl in ("ours", "transformers"):
-        assert set(report["samples"][impl]) >= {"forward", "train", "frozen", "greedy", "beam"}
-        assert all(t > 0 for t in report["samples"][impl]["train"]["times"])
-    assert "cached" in report["samples"]["ours"]
+        assert set(samples[impl]) >= {"forward", "train", "frozen", "greedy", "beam"}
+        assert all(len(entry["times"]) == len(entry["others_cpu"]) == 1 for entry in samples[impl].values())  # --quick
+    # ours ran the kernels the package runs there: inference ones for the forward pass and a frozen tower,
+    # training ones for a training step
+    inference = {"vision_tower": ["folded_channel_attention", "inplace_vision"], "language_model": ["few_rows_linear"]}
+    assert samples["ours"]["forward"]["kernels"] == inference
+    assert samples["ours"]["train"]["kernels"] == {"vision_tower": ["channels_first_conv", "recompute_gelu"],
+                                                   "language_model": ["few_rows_linear"]}
+    assert samples["ours"]["frozen"]["kernels"] == samples["ours"]["cached"]["kernels"] == inference
+    # each row of the table is the ratio of the two medians
+    train = next(row for row in report["summary"] if row["what"].startswith("training step"))
+    assert train["ours"] == samples["ours"]["train"]["times"][0]
+    assert train["ratio"] == pytest.approx(train["ours"] / samples["transformers"]["train"]["times"][0])
     # the same weights and inputs give the same generated tokens on both sides
     for task in ("greedy", "beam"):
         assert report["sequences"][task]["ours"] == report["sequences"][task]["transformers"]

@@ -15,7 +15,6 @@ from tokenizers import Tokenizer
 
 from florence2 import CheckpointError, ConfigError, Florence2, Florence2Config
 from florence2.config import padded_vocab_size, read_config
-from florence2.transformers_layout import NOT_CARRIED_TO_TRANSFORMERS
 from florence2.weights import TIED_ALIASES, rename
 
 from .conftest import (
@@ -117,11 +116,11 @@ def test_back_to_microsoft_bit_for_bit(source, back):
 
 
 def test_back_to_microsoft_config(back, tiny_config_dict):
-    # Everything comes back but the keys a transformers config.json does not carry; torch_dtype is the dtype of
-    # the weights written (the tiny fixture's config says float16 for float32 weights).
+    # Everything comes back but the pointer to Microsoft's remote code and the version of the library that wrote
+    # the file (NOT_CARRIED_TO_TRANSFORMERS); torch_dtype is the dtype of the weights written (the tiny fixture's
+    # config says float16 for float32 weights).
     d = json.loads((back / "config.json").read_text())
-    assert set(NOT_CARRIED_TO_TRANSFORMERS) == {"auto_map", "transformers_version"}
-    expected = {k: v for k, v in tiny_config_dict.items() if k not in NOT_CARRIED_TO_TRANSFORMERS}
+    expected = {k: v for k, v in tiny_config_dict.items() if k not in ("auto_map", "transformers_version")}
     assert d == {**expected, "torch_dtype": "float32"}
 
 

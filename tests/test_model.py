@@ -272,7 +272,7 @@ def test_labels_make_decoder_inputs_like_the_original(tiny_checkpoint):
     assert torch.equal(a, b)
 
 
-def test_gradient_checkpointing_same_loss_and_grads(tiny_checkpoint):
+def test_gradient_checkpointing_same_loss_and_grads_in_less_memory(tiny_checkpoint):
     ref = load_case("case0")
     results = []
     for enabled in (False, True):
@@ -280,14 +280,20 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_checkpoint):
         model.set_gradient_checkpointing(enabled)
         model.train()
         torch.manual_seed(0)
-        loss = model(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"], labels=ref["labels"]).loss
+        saved = []  # what autograd keeps for backward: checkpointed layers keep their inputs only
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"], labels=ref["labels"]).loss
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=1e-6, msg=name)
-    assert all(g.abs().sum() > 0 for n, g in grads_a.items() if "final_logits_bias" not in n)
+    assert saved_b < 0.7 * saved_a  # tests/test_transformers_parity.py checks the gradients themselves
 
 
 def test_from_config_presets_and_paths(tmp_path):
@@ -297,4 +303,6 @@ def test_from_config_presets_and_paths(tmp_path):
     shutil.copy(TINY / "config.json", tmp_path)
     from_folder = Florence2.from_config(tmp_path)
     assert from_folder.config.text.d_model == 32
-    assert sum(p.numel() for p in Florence2.from_config("tiny").vision_tower.parameters()) > 0
+    # the architecture the config.json describes is the reference checkpoint's, tensor for tensor
+    shapes = {k: v.shape for k, v in from_ours(from_folder.state_dict(), "microsoft").items()}
+    assert shapes == {k: v.shape for k, v in tiny_reference_state().items()}

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from florence2 import Florence2
+from florence2.model import shift_right
 from florence2.transformers_layout import IMAGE_TOKEN
 
 from .conftest import BIAS, TINY, load_case
@@ -67,6 +68,33 @@ def test_logits_match_the_original(converted, reference_bias):
         assert out.logits.shape[-1] == 51328
         # the reference has a random final_logits_bias, the converted checkpoint none
         torch.testing.assert_close(out.logits[..., :VOCAB], ref["logits"] - reference_bias, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("training_kernels", [False, True])
+def test_gradients_match_transformers(source, converted, training_kernels):
+    # Every parameter's gradient of the loss, ours against transformers' on the same weights (eval mode: no
+    # dropout). transformers' softmax also covers its extra vocabulary rows: its loss is taken on the real ones.
+    from florence2 import kernels
+    from florence2.weights import rename
+
+    ours = Florence2.from_pretrained(source, attn_implementation="eager")
+    kernels.use(ours, "training" if training_kernels else None)
+    theirs = hf_model(converted)
+    ref = load_case("case0")
+    loss = ours(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"], labels=ref["labels"]).loss
+    loss.backward()
+    decoder_input_ids = shift_right(ref["labels"], start_token_id=2, pad_token_id=1)
+    logits = theirs(input_ids=with_image_tokens(ref["input_ids"]), pixel_values=ref["pixel_values"],
+                    decoder_input_ids=decoder_input_ids).logits
+    their_loss = torch.nn.functional.cross_entropy(logits[..., :VOCAB].flatten(0, 1), ref["labels"].flatten())
+    their_loss.backward()
+    torch.testing.assert_close(loss, their_loss, rtol=0, atol=1e-5)
+    their_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        their_grad = their_params[rename(name, "ours", "transformers")].grad
+        if name == "language_model.shared.weight":
+            their_grad = their_grad[:VOCAB]
+        torch.testing.assert_close(param.grad, their_grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

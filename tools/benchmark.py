@@ -124,6 +124,18 @@ def use_kernels(impl, module, preset: str) -> None:
         kernels.use(module, preset)
 
 
+def kernels_on(impl, model) -> dict[str, list[str]]:
+    """{part of the model: the kernels switched on in it}, recorded with each timed task (ours only)."""
+    if impl != "ours":
+        return {}
+    from florence2 import kernels
+
+    parts = {}
+    for site, on in kernels.active(model).items():
+        parts.setdefault(site.split(".")[0], set()).update(on)
+    return {part: sorted(on) for part, on in sorted(parts.items())}
+
+
 def forward_fn(impl, model, inputs, args):
     import torch
 
@@ -318,6 +330,8 @@ def run_child(impl: str, group: str, args) -> dict:
         else:
             fn = generate_fn(impl, model, inputs, args, beams=1 if task == "greedy" else 3)
         result[task] = measure(fn, args, args.reps)
+        if task not in ("greedy", "beam"):  # generate switches its own (the inference kernels), for the call
+            result[task]["kernels"] = kernels_on(impl, model)
         if task in ("greedy", "beam"):  # the parent checks that both sides generated the same
             result[task]["sequences"] = fn().tolist()
         del fn
@@ -362,6 +376,8 @@ def run(args) -> dict:
                         entry["times"] += result[task]["times"]
                         entry["others_cpu"] += result[task]["others_cpu"]
                         entry["peak_mb"].append(result[task]["peak_mb"])
+                        if "kernels" in result[task]:
+                            entry["kernels"] = result[task]["kernels"]
                 for task in ("greedy", "beam"):
                     if task in result:
                         report.setdefault("sequences", {}).setdefault(task, {})[impl] = result[task]["sequences"]
