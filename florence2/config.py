@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 GENERATION_KEYS = ("num_beams", "no_repeat_ngram_size", "early_stopping", "length_penalty", "forced_bos_token_id",
                    "forced_eos_token_id")
 VOCAB_MULTIPLE = 64  # transformers pads the vocabulary to a multiple of this
+IGNORE_INDEX = -100  # a label position the loss leaves out (the original's config says so as `ignore_index`)
 
 # Keys of Microsoft's config whose value is fixed by the architecture: anything else is an error, not a variant.
 _FIXED_VISION_KEYS = {
@@ -237,7 +238,7 @@ class Florence2Config:
             "architectures": ["Florence2ForConditionalGeneration"],
             "bos_token_id": self.text.bos_token_id,
             "eos_token_id": self.text.eos_token_id,
-            "ignore_index": -100,
+            "ignore_index": IGNORE_INDEX,
             "is_encoder_decoder": True,
             **extra.get("", {}),
         }

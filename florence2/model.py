@@ -23,7 +23,7 @@ from torch import nn
 
 from . import weights
 from .attention import check_backend
-from .config import Florence2Config, read_config
+from .config import IGNORE_INDEX, Florence2Config, read_config
 from .davit import DaViT
 from .hub import resolve_checkpoint
 from .language import LanguageModel
@@ -32,14 +32,15 @@ from .language import LanguageModel
 @dataclass
 class Florence2Output:
     logits: torch.Tensor  # (B, T, vocab) float32
-    loss: torch.Tensor | None = None  # mean cross-entropy over labels != -100
+    loss: torch.Tensor | None = None  # mean cross-entropy over labels != IGNORE_INDEX (-100)
     encoder_last_hidden_state: torch.Tensor | None = None  # (B, S, d)
     encoder_mask: torch.Tensor | None = None  # (B, S) bool, None when nothing is padded
 
 
 class LearnedPosition2D(nn.Module):
-    def __init__(self, dim: int, max_positions: int):
+    def __init__(self, dim: int, max_positions: int, stride: int):
         super().__init__()
+        self.stride = stride  # pixels per token, for the error message
         self.row_embeddings = nn.Embedding(max_positions, dim // 2)
         self.column_embeddings = nn.Embedding(max_positions, dim - dim // 2)
 
@@ -48,7 +49,7 @@ class LearnedPosition2D(nn.Module):
         max_positions = self.row_embeddings.num_embeddings
         if height > max_positions or width > max_positions:
             raise ValueError(f"image token grid {height}x{width} exceeds the {max_positions}x{max_positions} "
-                             f"position table: images must be at most {32 * max_positions} px per side")
+                             f"position table: images must be at most {self.stride * max_positions} px per side")
         columns = self.column_embeddings.weight[:width]  # (W, C/2)
         rows = self.row_embeddings.weight[:height]  # (H, C/2)
         return torch.cat([columns.expand(height, -1, -1), rows[:, None].expand(-1, width, -1)], dim=-1)
@@ -69,7 +70,7 @@ def shift_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) ->
     shifted = labels.new_full(labels.shape, pad_token_id)
     shifted[:, 0] = start_token_id
     shifted[:, 1:] = labels[:, :-1]
-    return shifted.masked_fill(shifted == -100, pad_token_id)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad_token_id)
 
 
 class Florence2(nn.Module):
@@ -80,7 +81,7 @@ class Florence2(nn.Module):
         self.vision_tower = DaViT(v)
         self.image_projection = nn.Linear(v.dim_embed[-1], v.projection_dim, bias=False)
         self.image_proj_norm = nn.LayerNorm(v.projection_dim)
-        self.image_pos_embed = LearnedPosition2D(v.dim_embed[-1], v.max_pos_embeddings)
+        self.image_pos_embed = LearnedPosition2D(v.dim_embed[-1], v.max_pos_embeddings, v.stride)
         self.register_buffer("temporal_embedding", cosine_table(v.max_temporal_embeddings, v.dim_embed[-1]))
         self.language_model = LanguageModel(config.text)
         self.set_attention_backend(attn_implementation)
@@ -194,7 +195,7 @@ class Florence2(nn.Module):
             if labels.shape != logits.shape[:2]:
                 raise ValueError(f"labels shape {tuple(labels.shape)} differs from decoder_input_ids shape "
                                  f"{tuple(decoder_input_ids.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         return Florence2Output(logits, loss, encoder_out, encoder_mask)
 
     # ----------------------------------------------------------------------------------- build, load, save
@@ -286,10 +287,10 @@ def _check_ids(ids: torch.Tensor, name: str, vocab_size: int, allow_ignore: bool
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
     if ids.numel():
-        valid = ids if not allow_ignore else ids[ids != -100]
+        valid = ids if not allow_ignore else ids[ids != IGNORE_INDEX]
         if valid.numel() and (valid.min() < 0 or valid.max() >= vocab_size):
             raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size})"
-                             + (" (use -100 to ignore a position)" if allow_ignore else ""))
+                             + (f" (use {IGNORE_INDEX} to ignore a position)" if allow_ignore else ""))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
