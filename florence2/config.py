@@ -196,16 +196,17 @@ class Florence2Config:
         for key, expected in _FIXED_VISION_KEYS.items():
             if key in vision_d and vision_d.pop(key) != expected:
                 raise ConfigError(f"vision_config.{key} must be {expected!r}, got {d['vision_config'][key]!r}")
-        pos = vision_d.pop("image_pos_embed", {"type": "learned_abs_2d", "max_pos_embeddings": 50})
-        temporal = vision_d.pop("visual_temporal_embedding", {"type": "COSINE", "max_temporal_embeddings": 100})
+        pos = vision_d.pop("image_pos_embed", {"type": "learned_abs_2d"})
+        temporal = vision_d.pop("visual_temporal_embedding", {"type": "COSINE"})
         if pos.get("type") != "learned_abs_2d":
             raise ConfigError(f"vision_config.image_pos_embed.type {pos.get('type')!r} is not supported "
                               "(the original implements only 'learned_abs_2d')")
         if temporal.get("type") != "COSINE":
             raise ConfigError(f"vision_config.visual_temporal_embedding.type {temporal.get('type')!r} is not "
                               "supported (the original implements only 'COSINE')")
-        vision_kwargs = {"max_pos_embeddings": pos.get("max_pos_embeddings", 50),
-                         "max_temporal_embeddings": temporal.get("max_temporal_embeddings", 100)}
+        vision_kwargs = {"max_pos_embeddings": pos.get("max_pos_embeddings", VisionConfig.max_pos_embeddings),
+                         "max_temporal_embeddings": temporal.get("max_temporal_embeddings",
+                                                                 VisionConfig.max_temporal_embeddings)}
         vision_kwargs.update(_take_fields(VisionConfig, vision_d, tuple_fields=True))
         if "projection_dim" not in vision_kwargs and "projection_dim" in d:
             vision_kwargs["projection_dim"] = d["projection_dim"]
@@ -296,6 +297,8 @@ def read_json(path: Path, required: bool = True) -> dict | None:
 def detect_layout(d: dict) -> str:
     """"microsoft" or "transformers", from the vision section of a config.json."""
     vision = d.get("vision_config") if isinstance(d, dict) else None
+    if isinstance(d, dict) and d.get("model_type") == "florence2" and not isinstance(vision, dict):
+        raise ConfigError("config.json has no 'vision_config' section")
     if isinstance(vision, dict) and d.get("model_type") == "florence2":
         if "dim_embed" in vision or vision.get("model_type") == "davit":
             return "microsoft"
@@ -354,10 +357,10 @@ def _microsoft_dict(d: dict, generation: dict | None) -> dict:
     vision.pop("initializer_range", None)  # training-time init only
     if "embed_dim" in vision:
         vision["dim_embed"] = vision.pop("embed_dim")
-    vision["visual_temporal_embedding"] = {"type": "COSINE",
-                                           "max_temporal_embeddings": vision.pop("max_temporal_embeddings", 100)}
-    vision["image_pos_embed"] = {"type": "learned_abs_2d",
-                                 "max_pos_embeddings": vision.pop("max_position_embeddings", 50)}
+    temporal = vision.pop("max_temporal_embeddings", VisionConfig.max_temporal_embeddings)
+    positions = vision.pop("max_position_embeddings", VisionConfig.max_pos_embeddings)
+    vision["visual_temporal_embedding"] = {"type": "COSINE", "max_temporal_embeddings": temporal}
+    vision["image_pos_embed"] = {"type": "learned_abs_2d", "max_pos_embeddings": positions}
     vision.setdefault("projection_dim", 1024)  # transformers' defaults for what its config.json leaves out
     text.pop("model_type", None)
     text = {**_BART_DEFAULTS, **text, "vocab_size": vocab_size}

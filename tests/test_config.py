@@ -60,3 +60,10 @@ def test_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         Florence2Config.from_json(tmp_path / "config.json")
+
+
+def test_a_florence2_config_without_a_vision_section():
+    d = json.loads((FIXTURES / "config-base.json").read_text())
+    del d["vision_config"]
+    with pytest.raises(ConfigError, match=r"config\.json has no 'vision_config' section"):
+        Florence2Config.from_dict(d)
