@@ -31,6 +31,7 @@ takes about half a minute per graph even for a tiny model, on this machine ten t
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -296,16 +297,30 @@ def quantize_int8(path: Path, folder: Path) -> Path:
     """`path` with int8 weights (onnxruntime's dynamic quantization): the weights of the matrix products and the
     embedding tables are stored as int8 with a scale, the activations are quantized on the fly. Convolutions (the
     DaViT patch embeddings and depth-wise convs, a few percent of the weights) stay float32: ConvInteger runs only
-    on onnxruntime's CPU kernels, not under WebGPU. -> the path of the new file in `folder`."""
+    on onnxruntime's CPU kernels, not under WebGPU. The graph is first simplified by onnxruntime's basic, provider-
+    independent optimizations (constant folding, shared subexpressions), as its quantization guide recommends.
+    -> the path of the new file in `folder`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    target = folder / f"{path.stem}_int8.onnx"
-    quantize_dynamic(path, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                     # MatMulConstBOnly: only products with a weight (not q @ k^T); EnableSubgraph: the If branches
-                     extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
+    simplified, target = folder / f"{path.stem}_simplified.onnx", folder / f"{path.stem}_int8.onnx"
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the quantizer's advice, logged on the root logger for every graph
+    try:
+        quant_pre_process(str(path), str(simplified), skip_symbolic_shape=True)
+        quantize_dynamic(simplified, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                         # MatMulConstBOnly: only products with a weight (not q @ k^T); EnableSubgraph: the branches
+                         extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
+    finally:
+        logging.disable(previous)
+    simplified.unlink()
     quantized = onnx.load(str(target))
-    _drop_value_info(quantized.graph)  # the quantizer's inferred intermediate shapes: redundant, 5-10% of a small file
+    _drop_value_info(quantized.graph)  # inferred intermediate shapes: redundant, 5-10% of a small graph's file
+    used = _domains(quantized.graph)  # the optimizer declares every domain it knows; keep the ones in use
+    kept = [o for o in quantized.opset_import if (o.domain or "ai.onnx") in used or not o.domain]
+    del quantized.opset_import[:]
+    quantized.opset_import.extend(kept)
     onnx.save(quantized, str(target))
     return target
 
@@ -322,6 +337,16 @@ def to_fp16(path: Path, folder: Path) -> Path:
         half = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True, disable_shape_infer=True)
     onnx.save(half, str(target))
     return target
+
+
+def _domains(graph) -> set[str]:
+    used = set()
+    for node in graph.node:
+        used.add(node.domain or "ai.onnx")
+        for attribute in node.attribute:
+            if attribute.type == attribute.GRAPH:
+                used |= _domains(attribute.g)
+    return used
 
 
 def _drop_value_info(graph) -> None:
