@@ -215,10 +215,11 @@ class Florence2(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
                         dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                        attn_implementation: str = "sdpa") -> Florence2:
+                        attn_implementation: str = "sdpa", adapter: str | os.PathLike | None = None) -> Florence2:
         """Load a checkpoint in Microsoft's layout (microsoft/Florence-2-*, fine-tunes of them) or in transformers'
         layout (florence-community/Florence-2-*), from a folder or the hub. Weights are cast to `dtype`
-        (default float32, as the original loads them; "auto" keeps the stored dtype) and placed on `device`."""
+        (default float32, as the original loads them; "auto" keeps the stored dtype) and placed on `device`.
+        `adapter`: a peft LoRA adapter folder (trained on either layout), merged into the weights (adapters.py)."""
         from .interop import read_config  # config.json of either layout
 
         device = _resolve_device(device)
@@ -232,6 +233,10 @@ class Florence2(nn.Module):
             model = cls(config, attn_implementation)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         state = weights.to_ours(state, layout, expected, config.text.vocab_size)
+        if adapter is not None:
+            from .adapters import merge_adapter
+
+            state = merge_adapter(state, adapter)
         if "temporal_embedding" not in state:
             state["temporal_embedding"] = cosine_table(*expected["temporal_embedding"])
         if "language_model.final_logits_bias" not in state:
