@@ -86,9 +86,11 @@ def test_files_and_names_are_what_transformers_js_reads(exported):
     for graph in (VISION, EMBED, ENCODER, DECODER):
         for suffix in ("", "_quantized"):
             assert (onnx_dir / f"{graph}{suffix}.onnx").is_file()
+    probe = exported.parent / "probe"
+    probe.write_text("")  # any new file's permissions: a web server must be able to read a served folder
     for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
                  "tokenizer_config.json"):
-        assert (exported / name).is_file(), name
+        assert (exported / name).stat().st_mode & 0o777 == probe.stat().st_mode & 0o777, name
 
     def io(graph):
         session = ort.InferenceSession(str(onnx_dir / f"{graph}.onnx"))
@@ -237,6 +239,15 @@ def test_cli_refuses_a_non_empty_folder_and_leaves_it_alone(checkpoint, tmp_path
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_overwrite_refuses_graphs_it_would_leave_stale(exported, tmp_path, capsys):
+    out = tmp_path / "again"
+    shutil.copytree(exported, out)
+    assert main([str(exported), str(out), "--dtype", "fp16", "--overwrite"]) == 1  # fp32 and int8 would go stale
+    err = capsys.readouterr().err
+    assert "vision_encoder.onnx" in err and "remove them first" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(p.name for p in (exported / "onnx").iterdir())
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
@@ -321,3 +332,20 @@ def test_transformers_js_runs_the_int8_graphs_as_onnxruntime_does(exported, tmp_
                                    tmp_path, dtype="q8")
     quantized = OnnxFlorence2(exported, variant="int8", session_options=session_options())
     assert result["ids"] == quantized.generate(**inputs, max_new_tokens=js["max_new_tokens"]).tolist()
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def test_benchmark_onnx_task_runs_on_tiny(tmp_path, capsys):
+    pytest.importorskip("transformers")  # the benchmark reports its version
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "tools" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "report.json"
+    benchmark.main(["--size", "tiny", "--image-size", "64", "--new-tokens", "4", "--tasks", "onnx", "--quick",
+                    "--in-process", "--max-idle-wait", "0", "--silent", "--json", str(out)])
+    report = json.loads(out.read_text())["onnx"]
+    assert "onnxruntime int8" in capsys.readouterr().out
+    assert report["onnx_fp32"]["sequences"] == report["ours"]["sequences"]  # the same random model and inputs
+    assert report["sizes_mb"]["int8"] < report["sizes_mb"]["fp32"] and 0 <= report["agreement"]["tokens"] <= 1

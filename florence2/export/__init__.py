@@ -72,7 +72,9 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; use {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
-    _check_destination(out, overwrite)
+    variants = ([dtype] if dtype != "fp32" else ["fp32"]) + (["int8"] if quantize == "int8" else [])
+    graph_files = [f"{graph}{VARIANTS[v]}.onnx" for v in variants for graph in GRAPHS]
+    _check_destination(out, overwrite, graph_files)
     if isinstance(model, Florence2):
         if adapter is not None:
             raise ValueError("adapter= is for a checkpoint path; merge it when loading: "
@@ -88,6 +90,7 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
     image_size = processor.image_size
     _check_image_size(model.config, image_size)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
@@ -104,10 +107,20 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
         for name, path in files.items():
             os.replace(path, out / "onnx" / name)
         side = side_files(model.config, processor, dtype, quantize)
+        mode = 0o666 & ~_umask()  # readable as any new file (a web server serves the folder), not mkstemp's 0600
         for name in sorted(side, key=lambda n: n == "config.json"):  # config.json last: incomplete without it
             content = side[name]
             text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
-            weights.atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+            def write(tmp: Path, text: str = text) -> None:
+                tmp.write_text(text, encoding="utf-8")
+                os.chmod(tmp, mode)
+
+            weights.atomic_write(out / name, write)
+    except BaseException:
+        if created:  # a folder of ours: nothing half-written is left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -160,12 +173,22 @@ def _check_image_size(config, image_size: tuple[int, int]) -> None:
                          "preprocessor_config.json (or its absence: 768x768) does not fit its config.json")
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def _check_destination(out: Path, overwrite: bool, graph_files: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder, or pass --overwrite to replace "
                               "the files the export writes (other files are left alone)")
+    stale = sorted(p.name for p in (out / "onnx").glob("*.onnx") if p.name not in graph_files) if out.is_dir() else []
+    if stale:
+        raise FileExistsError(f"{out / 'onnx'} holds graphs this export would not replace ({', '.join(stale)}), which "
+                              "would no longer match the new files; remove them first, or export into a new folder")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------------------------- command line
