@@ -21,7 +21,6 @@ parameters, trainable tokens, adapters whose initialization changed the base wei
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -59,16 +58,10 @@ class AdapterError(weights.CheckpointError):
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """adapter_config.json and the adapter's tensors, from a folder (or a hub repo id, downloaded)."""
+    from .interop import _read_json
+
     folder = weights.resolve_checkpoint(path, files=(ADAPTER_CONFIG, *ADAPTER_WEIGHTS), weights=False)
-    config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise AdapterError(f"no {ADAPTER_CONFIG} in {folder}: not a peft adapter folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path} must hold a JSON object")
+    config = _read_json(folder / ADAPTER_CONFIG, required=True)  # ConfigError naming the file when absent or broken
     files = [folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()]
     if not files:
         raise AdapterError(f"no adapter weights in {folder}: expected {' or '.join(ADAPTER_WEIGHTS)}")

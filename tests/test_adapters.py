@@ -136,5 +136,5 @@ def test_one_error_names_every_problem(source, tmp_path):
     assert "shared.lora_embedding_A: LoRA on an embedding" in message
     assert "decoder.layers.1.fc1: lora_A (8, 32) and lora_B (64, 8) do not make a rank-4 update" in message
     assert "q_proj:" not in message  # the module that fits is not a problem
-    with pytest.raises(AdapterError, match=r"no adapter_config\.json"):
+    with pytest.raises(ValueError, match=r"no adapter_config\.json"):
         Florence2.from_pretrained(source, adapter=tmp_path)
