@@ -256,6 +256,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), str(tmp_path / "out"), "--dtype", "bf16"])
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dtype" in err and "bf16" in err
 
 
 def test_cli_checks_the_image_size_against_the_model(tmp_path, capsys):

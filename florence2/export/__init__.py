@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .. import weights
 from ..postprocess import PARSE_TYPES, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
 from .graphs import GRAPHS
@@ -72,7 +74,7 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; use {', '.join(QUANTIZATIONS)}")
     out = Path(out_dir)
-    variants = ([dtype] if dtype != "fp32" else ["fp32"]) + (["int8"] if quantize == "int8" else [])
+    variants = [dtype] + ([quantize] if quantize else [])  # keys of VARIANTS
     graph_files = [f"{graph}{VARIANTS[v]}.onnx" for v in variants for graph in GRAPHS]
     _check_destination(out, overwrite, graph_files)
     if isinstance(model, Florence2):
@@ -80,7 +82,7 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
             raise ValueError("adapter= is for a checkpoint path; merge it when loading: "
                              "Florence2.from_pretrained(base, adapter=...)")
         processor = processor or default_processor(model)
-        model = copy.deepcopy(model).to("cpu", dtype=_float32())  # the caller's model keeps its device and mode
+        model = copy.deepcopy(model).to("cpu", dtype=torch.float32)  # the caller's model keeps device and mode
     else:
         source = model
         kwargs = {"adapter": adapter} if adapter is not None else {}
@@ -95,14 +97,9 @@ def export(model, out_dir: str | os.PathLike, *, dtype: str = "fp32", quantize: 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
         paths = graphs.export_graphs(model, staging, image_size)
-        files = {}  # name in OUT_DIR/onnx -> staged file
-        for name, path in paths.items():
-            if quantize == "int8":
-                files[f"{name}{VARIANTS['int8']}.onnx"] = graphs.quantize_int8(path, staging)
-            if dtype == "fp16":
-                files[f"{name}{VARIANTS['fp16']}.onnx"] = graphs.to_fp16(path, staging)
-            else:
-                files[f"{name}.onnx"] = path
+        make = {"fp16": graphs.to_fp16, "int8": graphs.quantize_int8}  # from the fp32 graph
+        files = {f"{name}{VARIANTS[v]}.onnx": make[v](path, staging) if v in make else path  # name in onnx/ -> file
+                 for name, path in paths.items() for v in variants}
         (out / "onnx").mkdir(exist_ok=True)
         for name, path in files.items():
             os.replace(path, out / "onnx" / name)
@@ -152,12 +149,6 @@ def side_files(config, processor, dtype: str, quantize: str | None) -> dict[str,
             "tokenizer.json": processor.tokenizer.to_str()}
 
 
-def _float32():
-    import torch
-
-    return torch.float32
-
-
 def _check_image_size(config, image_size: tuple[int, int]) -> None:
     """The graphs take images of the processor's size: it must fit the model's position tables."""
     height, width = image_size
@@ -192,8 +183,13 @@ def _umask() -> int:
 
 
 # --------------------------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (python -m florence2.export --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m florence2.export", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m florence2.export", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="hub id or checkpoint folder (Microsoft's or transformers' layout)")
     p.add_argument("out_dir", type=Path, help="output folder (new or empty)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the graphs (default fp32)")

@@ -46,6 +46,8 @@ class OnnxFlorence2:
                          for name, f in files.items()}
         self.past_inputs = past_names(self.config.text.decoder_layers)
         self.present_outputs = past_names(self.config.text.decoder_layers, "present")
+        shapes = {i.name: i.shape for i in self.sessions[DECODER].get_inputs()}
+        self.past_shapes = {name: shapes[name] for name in self.past_inputs}  # [batch_size, heads, length, size]
 
     def run(self, graph: str, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         """One graph on numpy inputs -> its outputs by name."""
@@ -68,12 +70,10 @@ class OnnxFlorence2:
         """Decoder tokens (N, T) after `past` (None: the first step) -> logits (N, T, vocab) and the next past."""
         feeds = {"inputs_embeds": self.run(EMBED, input_ids=tokens)["inputs_embeds"],
                  "encoder_attention_mask": encoder_mask, "encoder_hidden_states": encoder_out}
-        inputs = {i.name: i for i in self.sessions[DECODER].get_inputs()}
-        if past is None:  # empty, as transformers.js makes it: every axis but the batch of length 0
-            for name in self.past_inputs:
-                shape = [tokens.shape[0] if d == "batch_size" else d if isinstance(d, int) else 0
-                         for d in inputs[name].shape]
-                feeds[name] = np.zeros(shape, dtype=np.float32)
+        if past is None:  # empty, as transformers.js makes it: every symbolic axis but the batch of length 0
+            for name, shape in self.past_shapes.items():
+                dims = [tokens.shape[0] if d == "batch_size" else d if isinstance(d, int) else 0 for d in shape]
+                feeds[name] = np.zeros(dims, dtype=np.float32)
         else:
             feeds.update(past)
         feeds["use_cache_branch"] = np.array([past is not None])
