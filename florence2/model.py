@@ -215,14 +215,15 @@ class Florence2(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
                         dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                        attn_implementation: str = "sdpa") -> Florence2:
+                        attn_implementation: str = "sdpa", adapter: str | os.PathLike | None = None) -> Florence2:
         """Load a checkpoint in Microsoft's layout (microsoft/Florence-2-*, fine-tunes of them) or in transformers'
         layout (florence-community/Florence-2-*), from a folder or the hub. Weights are cast to `dtype`
-        (default float32, as the original loads them; "auto" keeps the stored dtype) and placed on `device`."""
+        (default float32, as the original loads them; "auto" keeps the stored dtype) and placed on `device`.
+        `adapter`: a peft LoRA adapter folder (trained on either layout), merged into the weights (adapters.py)."""
         device = _resolve_device(device)
         dtype = None if dtype == "auto" else _resolve_dtype(dtype)
         folder = resolve_checkpoint(path_or_repo_id, revision)
-        config, _, state = load_state(folder, dtype)
+        config, _, state = load_state(folder, dtype, adapter)
         with torch.device("meta"):
             model = cls(config, attn_implementation)
         model.load_state_dict({k: v.to(device).contiguous() for k, v in state.items()}, strict=True, assign=True)
@@ -247,7 +248,8 @@ class Florence2(nn.Module):
     from .predict import predict
 
 
-def load_state(folder: Path, dtype: torch.dtype | None = None) -> tuple[Florence2Config, str, dict[str, torch.Tensor]]:
+def load_state(folder: Path, dtype: torch.dtype | None = None,
+               adapter: str | os.PathLike | None = None) -> tuple[Florence2Config, str, dict[str, torch.Tensor]]:
     """A checkpoint folder of either layout -> (config, layout, its tensors in our names), for from_pretrained and
     tools/convert_weights.py alike.
 
@@ -255,7 +257,7 @@ def load_state(folder: Path, dtype: torch.dtype | None = None) -> tuple[Florence
     every unknown, missing or mis-shaped tensor; weights of the other layout get one clear error). Floating tensors
     are cast to `dtype`; None keeps the checkpoint's (that of its token embedding). The optional buffers are filled
     in when absent: the cosine temporal table, computed in float32, and zeros for `final_logits_bias` (the
-    transformers layout has none)."""
+    transformers layout has none). `adapter`, a peft LoRA adapter folder, is merged in before the cast."""
     config, layout = read_config(folder)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Florence2(config).state_dict().items()}
@@ -263,6 +265,10 @@ def load_state(folder: Path, dtype: torch.dtype | None = None) -> tuple[Florence
                             config.text.vocab_size)
     if dtype is None:
         dtype = state[weights.SHARED].dtype
+    if adapter is not None:
+        from .adapters import merge_adapter
+
+        state = merge_adapter(state, adapter)
     state.setdefault("temporal_embedding", cosine_table(*expected["temporal_embedding"]))
     state.setdefault(weights.FINAL_LOGITS_BIAS, torch.zeros(expected[weights.FINAL_LOGITS_BIAS]))
     return config, layout, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -229,6 +229,73 @@ def matmul_peak(args, reps: int = 8) -> dict:
     return {"n": n, "gflops": rates, "best": max(rates), "median": statistics.median(rates)}
 
 
+# --------------------------------------------------------------------------------------- child: the ONNX export
+ONNX_TASK = "onnx"  # only when asked for (--tasks onnx): it exports the model, which takes minutes at base
+AGREEMENT_CASES = 4  # random (image, prompt) pairs on which the int8 graphs' tokens are compared with fp32's
+
+
+def onnx_measurements(args) -> dict:
+    """Our greedy decode beside onnxruntime's (fp32 and int8 graphs of florence2.export, the same random model and
+    inputs, onnxruntime's CPU provider with as many threads as torch), the export's time and sizes, and the
+    int8/fp32 token agreement on AGREEMENT_CASES random inputs."""
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    from florence2.export import VARIANTS, OnnxFlorence2, export
+    from florence2.export.graphs import GRAPHS
+    from florence2.processor import Florence2Processor
+
+    config, model = build_models("ours", args)
+    model.eval()
+    n = args.new_tokens
+    options = dict(max_new_tokens=n, min_new_tokens=n, no_repeat_ngram_size=3, forced_bos_token_id=0,
+                   forced_eos_token_id=2)  # as the greedy task's
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        folder = export(model, Path(tmp) / "export", quantize="int8",
+                        processor=Florence2Processor(image_size=args.image_size))
+        result = {"export_seconds": time.perf_counter() - start, "sizes_mb": {}}
+        for variant in ("fp32", "int8"):
+            result["sizes_mb"][variant] = sum((folder / "onnx" / f"{g}{VARIANTS[variant]}.onnx").stat().st_size
+                                              for g in GRAPHS) / 2**20
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = torch.get_num_threads()
+        runners = {v: OnnxFlorence2(folder, variant=v, session_options=session_options) for v in ("fp32", "int8")}
+        inputs = make_inputs(config, args, 1)
+        pixels, ids = inputs["pixels"], inputs["ours"]
+        fns = {"ours": lambda: model.generate(pixels, ids, num_beams=1, **options),
+               **{f"onnx_{v}": (lambda r=r: r.generate(pixels, ids, **options)) for v, r in runners.items()}}
+        with torch.no_grad():
+            for name, fn in fns.items():
+                result[name] = measure(fn, args, args.reps)
+                result[name]["sequences"] = fn().tolist()
+            cases = make_inputs(config, args, AGREEMENT_CASES)
+            fp32, int8 = (runners[v].generate(cases["pixels"], cases["ours"], **options) for v in ("fp32", "int8"))
+    generated = slice(2, None)  # after the start token and the forced <s>
+    result["agreement"] = {"tokens": (int8[:, generated] == fp32[:, generated]).float().mean().item(),
+                           "sequences": int((int8 == fp32).all(dim=1).sum()), "cases": AGREEMENT_CASES}
+    return result
+
+
+def onnx_table(result: dict) -> str:
+    """The ONNX section of the report: greedy latency beside ours, sizes, int8 agreement."""
+    ours = statistics.median(result["ours"]["times"])
+    lines = ["| greedy decode, CPU | seconds | vs ours | model files (MB) |", "|---|---:|---:|---:|",
+             f"| ours (PyTorch) | {ours:.2f} | 1.00x | |"]
+    for variant in ("fp32", "int8"):
+        t = statistics.median(result[f"onnx_{variant}"]["times"])
+        lines.append(f"| onnxruntime {variant} | {t:.2f} | {t / ours:.2f}x | {result['sizes_mb'][variant]:.0f} |")
+    same = result["onnx_fp32"]["sequences"] == result["ours"]["sequences"]
+    a = result["agreement"]
+    lines += ["", f"onnx fp32: {'the same' if same else 'DIFFERENT'} tokens as ours; int8/fp32: "
+                  f"{result['sizes_mb']['int8'] / result['sizes_mb']['fp32']:.2f}x the size, {a['tokens']:.0%} of the "
+                  f"tokens and {a['sequences']}/{a['cases']} sequences the same on {a['cases']} random inputs; "
+                  f"export {result['export_seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ child: timing and memory
 def clock(args) -> float:
     if args.device == "cuda":
@@ -315,6 +382,9 @@ def run_child(impl: str, group: str, args) -> dict:
     if group == "peak":
         result["peak"] = matmul_peak(args)
         return result
+    if group == ONNX_TASK:
+        result[ONNX_TASK] = onnx_measurements(args)
+        return result
     config, model = build_models(impl, args)
     if args.compile:
         vision_tower(impl, model).compile()
@@ -357,7 +427,7 @@ def spawn(impl: str, group: str, args) -> dict:
 
 def run(args) -> dict:
     started = time.perf_counter()
-    groups = list(dict.fromkeys(GROUPS[t] for t in args.tasks))
+    groups = list(dict.fromkeys(GROUPS[t] for t in args.tasks if t != ONNX_TASK))
     samples = {impl: {} for impl in IMPLS}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
     report = {"machine": machine(args), "args": settings,
@@ -387,6 +457,10 @@ def run(args) -> dict:
                           + " ".join(f"{t}={statistics.median(result[t]['times']):.2f}s"
                                      for t in args.tasks if t in result)
                           + f"  ({time.perf_counter() - started:.0f} s)")
+    if ONNX_TASK in args.tasks:
+        report[ONNX_TASK] = spawn("ours", ONNX_TASK, args)[ONNX_TASK]
+        log(args, f"onnx: exported in {report[ONNX_TASK]['export_seconds']:.0f} s  "
+                  f"({time.perf_counter() - started:.0f} s)")
     report["summary"] = summarize(report, args)
     report["wall_seconds"] = time.perf_counter() - started
     return report
@@ -403,11 +477,12 @@ def summarize(report: dict, args) -> list[dict]:
     labels = {"forward": f"forward, batch {args.batch} (s)", "train": f"training step, batch {args.batch} (s)",
               "frozen": "frozen-vision step (s)", "cached": "frozen step, cached features (s) [1]",
               "greedy": f"greedy, {args.new_tokens} tokens (s)", "beam": f"beam 3, {args.new_tokens} tokens (s)"}
-    for task in args.tasks:
+    tasks = [t for t in args.tasks if t != ONNX_TASK]
+    for task in tasks:
         ours = median("ours", task)
         theirs = median("transformers", task if task != "cached" else "frozen")
         rows.append(_row(labels[task], ours, theirs, GOALS.get(task), "time"))
-    for task in args.tasks:
+    for task in tasks:
         ours, theirs = median("ours", task, "peak_mb"), median("transformers", task, "peak_mb")
         if task == "cached":
             theirs = median("transformers", "frozen", "peak_mb")
@@ -449,6 +524,8 @@ def table(report: dict) -> str:
         return {"time": f"{v:.2f}", "memory": f"{v:.0f}", "fraction": f"{v:.0%}"}[kind]
 
     lines = ["| | ours | transformers | ratio | goal | met |", "|---|---:|---:|---:|---:|:---:|"]
+    if not report["summary"]:  # --tasks onnx alone
+        lines = []
     for r in report["summary"]:
         goal = "" if r["goal"] is None else (f">= {r['goal']:.0%}" if r["kind"] == "fraction" else
                                              f"<= {r['goal']:.2f}x")
@@ -469,6 +546,8 @@ def table(report: dict) -> str:
             lines.append(f"{task}: {'the same' if same else 'DIFFERENT'} sequences from both implementations")
     if "cached" in report["args"]["tasks"]:
         lines.append("[1] ours fed from the feature cache; transformers has none, its column is its plain frozen step")
+    if ONNX_TASK in report:
+        lines += [onnx_table(report[ONNX_TASK]), ""]
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory_gb']:.0f} GB; "
                  f"torch {m['torch']}, transformers {m['transformers']}; {m['environment']}")
@@ -507,7 +586,8 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)}; {ONNX_TASK}: the ONNX export (not by default)")
     p.add_argument("--rounds", type=int, default=1,
                    help="processes per implementation and task group; the order of the implementations alternates "
                         "from round to round (2 rounds: about 18 minutes at base on 2 cores)")
@@ -524,7 +604,7 @@ def parse(argv=None):
     p.add_argument("--child", nargs=2, metavar=("IMPL", "GROUP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
-    unknown = set(args.tasks) - set(TASKS)
+    unknown = set(args.tasks) - set(TASKS) - {ONNX_TASK}
     if unknown:
         p.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
     if args.reps is None:
