@@ -1,4 +1,6 @@
-"""python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]"""
+"""python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]
+
+python -m florence2 predict INPUT... --task TASK --output OUT ...: batch prediction (florence2/batch.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from .batch import main as batch_main
+
+        return batch_main(argv[1:])
     from .postprocess import TASKS
 
     p = argparse.ArgumentParser(prog="python -m florence2", description="Run a Florence-2 task on an image.")
