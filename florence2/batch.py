@@ -30,6 +30,7 @@ import contextlib
 import csv
 import glob
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -40,7 +41,7 @@ import torch
 from PIL import Image
 
 from .postprocess import TASKS, TASKS_WITHOUT_INPUT, parse_type
-from .predict import collate, generate_answers
+from .predict import check_prompt, collate, generate_answers
 
 FORMATS = ("jsonl", "coco")
 # Parse types whose answers have regions (COCO annotations); the others are text.
@@ -230,8 +231,8 @@ def _dataset_image(value, name: str) -> Image.Image:
 class _Prepared(torch.utils.data.Dataset):
     """DataLoader side: decode and preprocess one input; a failure is returned as its message, not raised."""
 
-    def __init__(self, inputs: Inputs, positions: list[int], processor, task: str):
-        self.inputs, self.positions, self.processor, self.task = inputs, positions, processor, task
+    def __init__(self, inputs: Inputs, positions: list[int], config, processor, task: str):
+        self.inputs, self.positions, self.config, self.processor, self.task = inputs, positions, config, processor, task
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -239,13 +240,31 @@ class _Prepared(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.inputs.items[self.positions[i]]
         try:
+            prompt = self.task + (item.text or "")
+            check_prompt(self.config, self.processor, prompt)
             image = self.inputs.load_image(item)
-            return item, image.size, self.processor(text=self.task + (item.text or ""), images=image), None
+            return item, image.size, self.processor(text=prompt, images=image), None
         except Exception as e:  # one bad input must not stop a run over a million
             return item, None, None, str(e)
 
 
 # ------------------------------------------------------------------------------------------------- the output
+def dumps(record) -> str:
+    """JSON text of a result; a non-finite number (the score of a box that no token covers) becomes null, so that
+    strict readers (browsers, jq, other languages) read every line."""
+    return json.dumps(_finite(record), ensure_ascii=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class ResultLog:
     """The JSONL results: read back on restart, appended one whole line at a time, merged from ranks' parts."""
 
@@ -306,7 +325,7 @@ class ResultLog:
             os.truncate(path, data.rfind(b"\n") + 1)
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        data = (dumps(record) + "\n").encode()
         while data:  # one write() for a line in practice; a partial write is finished, never interleaved
             data = data[os.write(self._fd, data):]
 
@@ -336,7 +355,7 @@ class ResultLog:
         tmp = self._merging.with_name(self._merging.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for _, _, record in ranked:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._merging)  # from here on the merge is complete: recover() finishes it
@@ -515,8 +534,8 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                if v is not None}
     task = args.task
-    loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, processor, task), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, model.config, processor, task),
+                                         batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
     with tqdm(total=len(positions), unit="img", disable=not show, dynamic_ncols=True) as bar:
         for rows in loader:
             good = [row for row in rows if row[3] is None]
@@ -552,7 +571,7 @@ def _write_coco(path: Path, log: ResultLog, order: list[Item], task: str) -> Non
         if found:
             records.append(found.pop(0))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_coco(records, task), ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(to_coco(records, task)) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -86,6 +86,15 @@ def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: li
     return results
 
 
+def check_prompt(config, processor, prompt: str) -> None:
+    """ValueError if `prompt` has more tokens than a model of `config` reads: the processor's limit, or fewer when
+    the encoder's positions left after the image tokens are fewer (small models)."""
+    capacity = min(processor.max_prompt_length, config.text.max_position_embeddings - processor.image_seq_length)
+    length = len(processor.prompt_ids(prompt))
+    if length > capacity:
+        raise ValueError(f"the prompt has {length} tokens, more than the {capacity} this model reads")
+
+
 def collate(rows: list) -> Florence2Inputs:
     """One batch from processed single examples (each `processor(text=prompt, images=image)`): prompts
     right-padded with the pad token and masked, as the processor pads a batch; pixel values stacked."""
