@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,6 +458,13 @@ class Distributed:
         torch.distributed.all_reduce(total)
         return total.tolist()
 
+    def max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        largest = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        return float(largest)
+
 
 @contextlib.contextmanager
 def exclusive(path: Path):
@@ -484,7 +492,7 @@ def exclusive(path: Path):
 
 def run(args: argparse.Namespace) -> dict:
     """Predict every input not yet in the output; returns counts {"inputs", "skipped", "predicted", "errors"}
-    (over all ranks)."""
+    over all ranks, and the seconds the predictions took (model loading aside)."""
     log_path = args.output.with_suffix(".jsonl") if args.format == "coco" else args.output
     log = ResultLog(log_path, args.task)
     inputs = Inputs(args.inputs, reads_text=args.task not in TASKS_WITHOUT_INPUT, text=args.text,
@@ -504,7 +512,7 @@ def run(args: argparse.Namespace) -> dict:
             if seen[item.key] > done[item.key]:
                 todo.append(k)
         mine = todo[dist.rank::dist.world]
-        counts = {"predicted": 0, "errors": 0}
+        counts = {"predicted": 0, "errors": 0, "seconds": 0.0}
         if mine:
             log.open(log_path if dist.world == 1 else log.part(dist.rank))
             try:
@@ -517,9 +525,10 @@ def run(args: argparse.Namespace) -> dict:
             if args.format == "coco":
                 _write_coco(args.output, log, inputs.items, args.task)
     predicted, errors = dist.sum([counts["predicted"], counts["errors"]])
+    seconds = dist.max(counts["seconds"])
     dist.close()
     return {"inputs": len(inputs.items), "skipped": len(inputs.items) - len(todo), "predicted": predicted,
-            "errors": errors}
+            "errors": errors, "seconds": seconds}
 
 
 def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts: dict, show: bool) -> None:
@@ -531,11 +540,12 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     processor = default_processor(model)
-    options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
-               if v is not None}
+    options = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens")
+               if getattr(args, name) is not None}
     task = args.task
     loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, model.config, processor, task),
                                          batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
+    started = time.perf_counter()
     with tqdm(total=len(positions), unit="img", disable=not show, dynamic_ncols=True) as bar:
         for rows in loader:
             good = [row for row in rows if row[3] is None]
@@ -559,6 +569,7 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
                     counts["errors"] += 1
                 log.write(record)
             bar.update(len(rows))
+    counts["seconds"] = time.perf_counter() - started
 
 
 def _write_coco(path: Path, log: ResultLog, order: list[Item], task: str) -> None:
@@ -600,6 +611,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DataLoader processes decoding and preprocessing images (0: in the main process)")
     p.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's (3)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="no end before this many tokens (equal to --max-new-tokens: answers of one length)")
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
@@ -625,7 +638,8 @@ def main(argv=None) -> int:
         args.parser.error(str(e))
     if int(os.environ.get("RANK", "0")) == 0:
         where = args.output if args.format == "jsonl" else f"{args.output} (and {args.output.with_suffix('.jsonl')})"
-        print(f"{counts['inputs']} inputs: {counts['skipped']} already done, {counts['predicted']} predicted, "
+        rate = f" ({counts['predicted'] / counts['seconds']:.2f} img/s)" if counts["seconds"] else ""
+        print(f"{counts['inputs']} inputs: {counts['skipped']} already done, {counts['predicted']} predicted{rate}, "
               f"{counts['errors']} unreadable; results in {where}", file=sys.stderr)
     return 0
 

@@ -90,7 +90,8 @@ def test_a_folder_and_a_csv_manifest_give_one_line_per_input(model, model_dir, f
     out = tmp_path / "out" / "grounding.jsonl"
     assert main(["predict", str(folder), str(manifest), "--task", "<CAPTION_TO_PHRASE_GROUNDING>", "--text",
                  "a circle", "--image-column", "file_name", "--output", str(out), "--model", str(model_dir),
-                 "--batch-size", "3", "--num-workers", "0", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+                 "--batch-size", "3", "--num-workers", "0", "--max-new-tokens", "8", "--min-new-tokens", "3",
+                 "--device", "cpu"]) == 0
     found = lines(out)
     inputs = [str(p) for p in sorted(folder.iterdir()) if p.suffix == ".png"]
     assert [r["image"] for r in found] == inputs + [str(folder / "picture-00.png"), str(folder / "picture-01.png"),
@@ -104,7 +105,7 @@ def test_a_folder_and_a_csv_manifest_give_one_line_per_input(model, model_dir, f
         if "result" in record:
             image = Image.open(record["image"])
             assert (record["width"], record["height"]) == image.size
-            assert record["result"] == alone(model, record, max_new_tokens=8)
+            assert record["result"] == alone(model, record, max_new_tokens=8, min_new_tokens=3)
 
 
 def _arguments(model_dir, out, *inputs):
