@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import glob
+import io
 import json
 import math
 import os
@@ -86,15 +88,21 @@ class Inputs:
             raise InputError(f"no images in {' '.join(sources)}")
 
     def load_image(self, item: Item) -> Image.Image:
-        if item.index is None:
-            try:
-                with Image.open(item.image) as opened:
-                    opened.load()
-                    return opened.copy()
-            except Exception as e:  # PIL raises many kinds on broken files
-                raise ValueError(f"cannot read {item.image} as an image: {e}") from None
-        value = self.datasets[item.dataset][item.index][self.image_column]
-        return _dataset_image(value, item.image)
+        """The decoded image of an input: its file, or its dataset cell (decoded by datasets' Image feature,
+        {"bytes", "path"}, or a path)."""
+        value = item.image if item.index is None else self.datasets[item.dataset][item.index][self.image_column]
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+            value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        if not isinstance(value, (str, io.BytesIO)):
+            raise ValueError(f"{item.image}: expected an image, got {type(value).__name__}")
+        try:
+            with Image.open(value) as opened:
+                opened.load()
+                return opened.copy()
+        except Exception as e:  # PIL raises many kinds on broken files
+            raise ValueError(f"cannot read {item.image} as an image: {e}") from None
 
     # --------------------------------------------------------------------------------- one source each
     def _add(self, source: str) -> None:
@@ -200,33 +208,17 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _image_suffixes()
 
 
-def _image_suffixes() -> set[str]:
+@functools.cache
+def _image_suffixes() -> frozenset[str]:
+    """The file suffixes PIL opens."""
     Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 def _looks_like_hub_id(source: str) -> bool:
     parts = source.split("/")
     return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and \
         Path(source).suffix.lower() not in _image_suffixes() | {".jsonl", ".csv"}
-
-
-def _dataset_image(value, name: str) -> Image.Image:
-    """A dataset cell as a PIL image: decoded by datasets' Image feature, or {"bytes", "path"}, or a path."""
-    import io
-
-    try:
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-            value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-        if isinstance(value, (str, io.BytesIO)):
-            with Image.open(value) as opened:
-                opened.load()
-                return opened.copy()
-    except Exception as e:  # PIL raises many kinds on broken files
-        raise ValueError(f"cannot read {name} as an image: {e}") from None
-    raise ValueError(f"{name}: expected an image, got {type(value).__name__}")
 
 
 class _Prepared(torch.utils.data.Dataset):
@@ -290,11 +282,7 @@ class ResultLog:
 
     def done(self) -> Counter:
         """How many times each input (image, text) is in OUT and the parts."""
-        counts = Counter()
-        for path in [self.path, *self.parts()]:
-            for record in self.records(path):
-                counts[record["image"], record.get("text")] += 1
-        return counts
+        return Counter(_key(record) for path in [self.path, *self.parts()] for record in self.records(path))
 
     def records(self, path: Path | None = None) -> list[dict]:
         path = path or self.path
@@ -341,26 +329,33 @@ class ResultLog:
         if not parts:
             return
         records = [r for path in [self.path, *parts] for r in self.records(path)]
-        position: dict[tuple, list[int]] = {}
-        for k, item in enumerate(order):
-            position.setdefault(item.key, []).append(k)
-        seen = Counter()
-
-        def rank(record: dict) -> int:
-            key = record["image"], record.get("text")
-            places = position.get(key, [])
-            seen[key] += 1
-            return places[seen[key] - 1] if seen[key] <= len(places) else len(order)
-
-        ranked = sorted(((rank(r), i, r) for i, r in enumerate(records)), key=lambda x: x[:2])
+        ranked = sorted(in_input_order(records, order), key=lambda pair: pair[0])  # stable: file order for ties
         tmp = self._merging.with_name(self._merging.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            for _, _, record in ranked:
+            for _, record in ranked:
                 f.write(dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._merging)  # from here on the merge is complete: recover() finishes it
         self.recover()
+
+
+def _key(record: dict) -> tuple[str, str | None]:
+    """The input a result line is about: its image and its text (as Item.key)."""
+    return record["image"], record.get("text")
+
+
+def in_input_order(records: list[dict], order: list[Item]) -> list[tuple[int, dict]]:
+    """(position among the inputs, record) of each result line; an input listed twice takes its lines in turn, and
+    a line of no current input gets len(order)."""
+    places: dict[tuple, list[int]] = {}
+    for k, item in enumerate(order):
+        places.setdefault(item.key, []).append(k)
+    placed = []
+    for record in records:
+        free = places.get(_key(record))
+        placed.append((free.pop(0) if free else len(order), record))
+    return placed
 
 
 # ------------------------------------------------------------------------------------------------------ COCO
@@ -573,16 +568,10 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
 
 
 def _write_coco(path: Path, log: ResultLog, order: list[Item], task: str) -> None:
-    by_key: dict[tuple, list[dict]] = {}
-    for record in log.records():
-        by_key.setdefault((record["image"], record.get("text")), []).append(record)
-    records = []
-    for item in order:  # each input once, in order; lines of other inputs are not part of this run's file
-        found = by_key.get(item.key)
-        if found:
-            records.append(found.pop(0))
+    """OUT as COCO from the JSONL: each current input once, in order (lines of other inputs are left out)."""
+    placed = sorted((p for p in in_input_order(log.records(), order) if p[0] < len(order)), key=lambda p: p[0])
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(to_coco(records, task)) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(to_coco([record for _, record in placed], task)) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -118,18 +118,18 @@ def _env():
 
 
 def test_a_run_killed_halfway_resumes_with_every_input_once(model_dir, tmp_path, capsys, one_thread):
-    images = pictures(tmp_path / "many", 30)
+    images = pictures(tmp_path / "many", 48)
     out = tmp_path / "od.jsonl"
     run = subprocess.Popen([sys.executable, "-m", "florence2", *_arguments(model_dir, out, tmp_path / "many")],
                            env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
+        time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)  # the command and its DataLoader worker, mid-run
     run.wait()
     written = out.read_text().count("\n")
-    assert 8 <= written < len(images), written
+    assert 6 <= written < len(images), f"killed after {written} of {len(images)} lines"
     with open(out, "a") as f:  # as if the kill had cut a line short
         f.write('{"image": "' + str(images[-1]) + '", "task": "<O')
     assert main(_arguments(model_dir, out, tmp_path / "many")) == 0  # the same command again
