@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import typing
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,11 +193,16 @@ class Server:
                                 f"{self.limits.max_num_beams}")
         return task, text, {k: v for k, v in dataclasses.asdict(resolved).items() if k in REQUEST_OPTIONS}
 
-    def prepare(self, data: bytes, task: str, text: str | None, options: dict) -> Job:
+    @staticmethod
+    def batch_key(options: dict):
+        """Requests with equal keys may share a generate call: equal settings, and never a sampling one (the draws
+        of its generator would depend on the batch)."""
+        return object() if options["do_sample"] else tuple(sorted(options.items()))
+
+    def prepare(self, data: bytes, task: str, text: str | None, options: dict, key) -> Job:
         """Decode and preprocess (in a pool thread): the Job the batcher runs."""
         image = read_image(data, self.limits.max_image_pixels)
         inputs = self.processor(text=task + (text or ""), images=image)
-        key = object() if options["do_sample"] else tuple(sorted(options.items()))
         return Job(task, image.size, inputs, options, key)
 
     def _run(self, jobs: list[Job]) -> list[dict]:
@@ -214,22 +220,43 @@ class Server:
 
 # ------------------------------------------------------------------------------------------------ batching
 class Batcher:
-    """Gathers jobs with equal keys into batches: a batch runs when it is full or when its oldest job has waited
-    `max_wait` seconds (at once, if the model was busy meanwhile). Oldest first; one thread runs the model."""
+    """Gathers jobs with equal keys into batches: a batch runs when it is full, or when its oldest job has waited
+    `max_wait` seconds (at once, if the model was busy meanwhile) and no request of the same key is still being
+    decoded (a burst of requests arrives here one decoding after the other: they belong to one batch, so they are
+    waited for, up to DECODING_WAIT). Oldest first; one thread runs the model."""
+
+    DECODING_WAIT = 0.5  # seconds, at most, that a batch waits for the requests being decoded beyond max_wait
 
     def __init__(self, run, max_batch_size: int, max_wait: float):
         self.run, self.max_batch_size, self.max_wait = run, max_batch_size, max_wait
         self._pending: list[Job] = []
+        self._decoding: Counter = Counter()  # batch key -> requests accepted and not yet submitted
         self._ready = threading.Condition()
         self.served = {"requests": 0, "batches": 0}  # how the batching went, for /health
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self._thread.start()
 
+    def expect(self, key) -> None:
+        """A request of this key is being decoded: submit() or cancel() follows."""
+        with self._ready:
+            self._decoding[key] += 1
+
+    def cancel(self, key) -> None:
+        with self._ready:
+            self._forget(key)
+            self._ready.notify()
+
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._ready:
+            self._forget(job.key)
             self._pending.append(job)
             self._ready.notify()
         return job.future
+
+    def _forget(self, key) -> None:
+        self._decoding[key] -= 1
+        if self._decoding[key] <= 0:
+            del self._decoding[key]
 
     def _next_batch(self) -> list[Job]:
         with self._ready:
@@ -238,10 +265,13 @@ class Batcher:
             first = self._pending[0]
             while True:
                 batch = [j for j in self._pending if j.key == first.key][:self.max_batch_size]
-                left = first.arrived + self.max_wait - time.monotonic()
-                if len(batch) == self.max_batch_size or left <= 0:
+                waited = time.monotonic() - first.arrived
+                if len(batch) == self.max_batch_size or waited >= self.max_wait + self.DECODING_WAIT:
                     break
-                self._ready.wait(left)
+                if waited >= self.max_wait and not self._decoding[first.key]:
+                    break
+                left = self.max_wait - waited
+                self._ready.wait(left if left > 0 else self.max_wait + self.DECODING_WAIT - waited)
             taken = {id(j) for j in batch}
             self._pending = [j for j in self._pending if id(j) not in taken]
             return batch
@@ -319,8 +349,14 @@ def create_app(server: Server):
             raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FORM_FIELDS)}")
         options = {k: v for k, v in fields.items() if k in REQUEST_OPTIONS}
         task, text, options = server.check_request(fields.get("task"), fields.get("text"), options, from_form)
-        loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(server.pool, server.prepare, data, task, text, options)
+        key = server.batch_key(options)
+        server.batcher.expect(key)
+        try:
+            job = await asyncio.get_running_loop().run_in_executor(server.pool, server.prepare, data, task, text,
+                                                                    options, key)
+        except BaseException:  # refused, or the client went away: its batch stops waiting for it
+            server.batcher.cancel(key)
+            raise
         result = await asyncio.wrap_future(server.batcher.submit(job))
         return answer({"task": task, "result": result})
 
@@ -440,8 +476,9 @@ def warm_up(server: Server) -> None:
     blank = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(blank, format="PNG")
     task, text, options = server.check_request("<CAPTION>", None, {"max_new_tokens": 2}, from_form=False)
-    job = server.prepare(blank.getvalue(), task, text, options)
-    server.batcher.submit(job).result()
+    key = server.batch_key(options)
+    server.batcher.expect(key)
+    server.batcher.submit(server.prepare(blank.getvalue(), task, text, options, key)).result()
     print(f"florence2.serve: {server.health()['model']} ready", file=sys.stderr, flush=True)
 
 

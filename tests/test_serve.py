@@ -176,3 +176,38 @@ def test_the_server_binds_localhost_by_default():
     assert parse_args(["--model", "m"]).host == "127.0.0.1"
 
 
+
+
+def test_the_batcher_gathers_a_burst_and_keeps_settings_apart():
+    import threading
+    import time
+
+    from florence2.serve import Batcher, Job
+
+    batches = []
+    release = threading.Event()
+
+    def run(jobs):
+        release.wait(5)
+        batches.append([job.task for job in jobs])
+        return [job.task for job in jobs]
+
+    batcher = Batcher(run, max_batch_size=4, max_wait=0.01)
+    # a burst: six requests accepted at once, decoded one after the other (30 ms each, longer than the wait)
+    for _ in range(6):
+        batcher.expect("greedy")
+    batcher.expect("beams")
+    futures = []
+    for i in range(6):
+        time.sleep(0.03)
+        futures.append(batcher.submit(Job(f"g{i}", (1, 1), {}, {}, "greedy")))
+    futures.append(batcher.submit(Job("b", (1, 1), {}, {}, "beams")))
+    release.set()
+    assert [f.result(5) for f in futures] == ["g0", "g1", "g2", "g3", "g4", "g5", "b"]
+    assert batches == [["g0", "g1", "g2", "g3"], ["g4", "g5"], ["b"]]  # full, then the rest; settings apart
+    # a lone request runs after the wait; one that is refused while decoding does not hold its batch
+    batcher.expect("greedy")
+    batcher.expect("greedy")
+    lone = batcher.submit(Job("alone", (1, 1), {}, {}, "greedy"))
+    batcher.cancel("greedy")
+    assert lone.result(5) == "alone" and batches[-1] == ["alone"]
