@@ -44,6 +44,7 @@ it to the OS and taking page faults on every new large tensor; the default run u
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -437,6 +438,11 @@ class ServerProcess:
                 time.sleep(0.5)
         raise RuntimeError(f"the server did not start in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
+    def served(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health", timeout=30).json()["served"]
+
     def peak_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
@@ -514,11 +520,14 @@ def run_throughput(impl: str, args, tasks: list[str]) -> dict:
                 server.wait()
                 payloads = [p.read_bytes() for p in images]
                 for task in serving:
-                    clients = SERVE_CLIENTS[task]
-                    fn = serve_fn(server.url, payloads, clients, args)
-                    result[task] = measure_rate(lambda fn=fn, task=task: fn(THROUGHPUT_IMAGES[task]), args,
-                                                args.reps, warm_up=lambda fn=fn, clients=clients: fn(clients))
+                    fn = serve_fn(server.url, payloads, SERVE_CLIENTS[task], args)
+                    before = server.served()
+                    result[task] = measure_rate(functools.partial(fn, THROUGHPUT_IMAGES[task]), args, args.reps,
+                                                warm_up=functools.partial(fn, SERVE_CLIENTS[task]))
+                    after = server.served()
                     result[task]["peak_mb"] = server.peak_mb()  # the server's whole life so far
+                    result[task]["batch_size"] = ((after["requests"] - before["requests"]) /
+                                                  (after["batches"] - before["batches"]))  # mean, warm-up included
             finally:
                 server.close()
     return result
@@ -562,6 +571,8 @@ def run(args) -> dict:
                         entry["times"] += result[task]["times"]
                         entry["others_cpu"] += result[task]["others_cpu"]
                         entry["peak_mb"].append(result[task]["peak_mb"])
+                        if "batch_size" in result[task]:  # the server's batches
+                            entry.setdefault("batch_size", []).append(result[task]["batch_size"])
                 for task in ("greedy", "beam"):
                     if task in result:
                         report.setdefault("sequences", {}).setdefault(task, {})[impl] = result[task]["sequences"]
@@ -668,6 +679,10 @@ def table(report: dict) -> str:
         if rows and rows[0]["transformers"]:
             lines.append("images/s: " + "; ".join(f"{r['what'].split(' (')[0]} {1 / r['ours']:.3f}" for r in rows)
                          + f"; transformers' loop {1 / rows[0]['transformers']:.3f}")
+        sizes = {t: statistics.mean(report["samples"]["ours"][t]["batch_size"]) for t in SERVE_CLIENTS
+                 if "batch_size" in report["samples"]["ours"].get(t, {})}
+        if sizes:
+            lines.append("the server's mean batch: " + "; ".join(f"{t} {v:.1f}" for t, v in sizes.items()))
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory_gb']:.0f} GB; "
                  f"torch {m['torch']}, transformers {m['transformers']}; {m['environment']}")
