@@ -76,6 +76,10 @@ def test_batched_prompts_of_different_lengths_give_what_each_gives_alone(model, 
                            images=[Image.open(p) for p in images[start:start + 4]])
         ends = {int((row[1:] == 2).nonzero()[0]) for row in model.generate(**inputs, max_new_tokens=12)}
         assert len(ends) > 1 and not inputs["attention_mask"].all(), ends
+    # Florence2.predict on a list is the same batch
+    together = model.predict([Image.open(p) for p in images[:4]], "<DocVQA>", text=[r["text"] for r in rows[:4]],
+                             max_new_tokens=12)
+    assert json.loads(json.dumps(together)) == [r["result"] for r in found[:4]]
 
 
 def test_a_folder_and_a_csv_manifest_give_one_line_per_input(model, model_dir, folder, tmp_path, one_thread):
