@@ -35,7 +35,7 @@ The process environment is the same for both (the children inherit it). With --t
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ so that glibc keeps freed memory instead of returning
 it to the OS and taking page faults on every new large tensor; the default run uses the plain environment.
 
-    python tools/benchmark.py                      # base, CPU, about 9 minutes on 2 cores
+    python tools/benchmark.py                      # base, CPU, about 16 minutes on 2 cores (7 of them throughput)
     python tools/benchmark.py --quick --json out.json
     python tools/benchmark.py --size large --tasks forward,beam
     python tools/benchmark.py --device cuda --dtype bfloat16 --compile   # CUDA: bf16 autocast, compiled towers
