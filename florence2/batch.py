@@ -383,7 +383,7 @@ def to_coco(records: list[dict], task: str) -> dict:
             if extra in region:
                 annotation[extra] = region[extra]
         annotations.append(annotation)
-    return {"info": {"description": f"Florence-2 {task} predictions"}, "images": images,
+    return {"info": {"description": f"Florence-2 {task} predictions"}, "licenses": [], "images": images,
             "categories": [{"id": ids[n], "name": n, "supercategory": ""} for n in names],
             "annotations": annotations}
 

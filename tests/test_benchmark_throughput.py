@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 
 
 @pytest.mark.slow
-def test_throughput_tasks_run_on_tiny(tmp_path, capsys, monkeypatch):
+def test_throughput_tasks_run_on_tiny(tmp_path, capsys, monkeypatch, one_thread):  # --threads 1, restored after
     benchmark = load_benchmark()
     monkeypatch.setattr(benchmark, "THROUGHPUT_IMAGES", {"serve1": 1, "serve8": 8, "batch": 3, "loop": 1})
     out = tmp_path / "report.json"
