@@ -1,5 +1,7 @@
 """python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]
 
+python -m florence2 predict INPUT... --task TASK --output OUT ...: batch prediction (florence2/batch.py).
+
 A mistake (no such image, a checkpoint that cannot be found, a bad flag, dtype or device) ends in one line on
 stderr and a non-zero exit status (florence2.cli)."""
 
@@ -13,6 +15,11 @@ from . import cli
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from .batch import main as batch_main
+
+        return batch_main(argv[1:])
     from .postprocess import TASKS
 
     p = cli.ArgumentParser(prog="python -m florence2", description="Run a Florence-2 task on an image.")

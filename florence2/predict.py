@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .postprocess import parse_type
+
+if TYPE_CHECKING:
+    from .processor import Florence2Inputs
 
 # Tasks whose parsed boxes carry the original's confidence scores (from the generation's token scores).
 SCORED_PARSE_TYPES = ("description_with_bboxes",)
@@ -34,8 +40,6 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
     list of them. Generation options (num_beams, max_new_tokens, ...) and `kernels` (None: the inference kernels
     where the layers allow them; True: required; False: the reference math) are passed to `generate`.
     """
-    from .postprocess import parse_type
-
     processor = processor or default_processor(model)
     single = not isinstance(images, (list, tuple))
     images = [images] if single else list(images)
@@ -49,22 +53,62 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
     if generate_options.get("num_return_sequences", 1) != 1:
         raise ValueError("predict returns one answer per image; call generate for several sequences")
     images = [_as_image(im, i) for i, im in enumerate(images)]
-    prompts = [task + (t or "") for t in texts]
+    inputs = processor(text=[task + (t or "") for t in texts], images=images)
+    results = generate_answers(model, processor, inputs, [task] * len(images), [im.size for im in images],
+                               kernels=kernels, **generate_options)
+    return results[0] if single else results
+
+
+@torch.no_grad()
+def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: list[tuple[int, int]], *,
+                     kernels: bool | None = None, **generate_options) -> list[dict]:
+    """The parsed answer ({task: answer}) of each row of a processed batch: generate, decode, post-process.
+
+    The one path from model inputs to answers, shared by `predict`, batch prediction and the server. Each row has
+    its own task and (width, height) of its original image; rows of several tasks may share a batch (detection
+    scores are computed for the rows that report them).
+    """
     dtype = model.image_projection.weight.dtype
-    inputs = processor(text=prompts, images=images).to(model.image_projection.weight.device, dtype)
-    scored = parse_type(task) in SCORED_PARSE_TYPES
+    inputs = inputs.to(model.image_projection.weight.device, dtype)
+    scored = any(parse_type(task) in SCORED_PARSE_TYPES for task in tasks)
     out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
     sequences = out.sequences if scored else out
+    eos = model.config.text.eos_token_id
     results = []
-    for i, (image, sequence) in enumerate(zip(images, sequences)):
-        size = (image.width, image.height)
-        if scored:
+    for i, (task, size, sequence) in enumerate(zip(tasks, image_sizes, sequences)):
+        # a batch pads the rows that ended early: what a row gives alone ends at its first end token
+        ends = (sequence[1:] == eos).nonzero()
+        sequence = sequence[:int(ends[0]) + 2] if len(ends) else sequence
+        if parse_type(task) in SCORED_PARSE_TYPES:
             results.append(processor.post_process_generation(task=task, image_size=size, sequence=sequence,
-                                                             transition_scores=out.scores[i]))
+                                                             transition_scores=out.scores[i, :len(sequence) - 1]))
         else:
             text_out = processor.decode(sequence, skip_special_tokens=False)
             results.append(processor.post_process_generation(text_out, task=task, image_size=size))
-    return results[0] if single else results
+    return results
+
+
+def check_prompt(config, processor, prompt: str) -> None:
+    """ValueError if `prompt` has more tokens than a model of `config` reads: the processor's limit, or fewer when
+    the encoder's positions left after the image tokens are fewer (small models)."""
+    capacity = min(processor.max_prompt_length, config.text.max_position_embeddings - processor.image_seq_length)
+    length = len(processor.prompt_ids(prompt))
+    if length > capacity:
+        raise ValueError(f"the prompt has {length} tokens, more than the {capacity} this model reads")
+
+
+def collate(rows: list) -> Florence2Inputs:
+    """One batch from processed single examples (each `processor(text=prompt, images=image)`): prompts
+    right-padded with the pad token and masked, as the processor pads a batch; pixel values stacked."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from .processor import PAD_ID, Florence2Inputs
+
+    ids = [row["input_ids"][0] for row in rows]
+    return Florence2Inputs(
+        input_ids=pad_sequence(ids, batch_first=True, padding_value=PAD_ID),
+        attention_mask=pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0),
+        pixel_values=torch.cat([row["pixel_values"] for row in rows]))
 
 
 def _as_image(image, index: int) -> Image.Image:

@@ -22,7 +22,8 @@ def test_benchmark_runs_on_tiny(tmp_path, capsys):
     benchmark = load_benchmark()
     out = tmp_path / "report.json"
     benchmark.main(["--size", "tiny", "--image-size", "64", "--new-tokens", "4", "--quick", "--in-process",
-                    "--max-idle-wait", "0", "--silent", "--json", str(out)])
+                    "--max-idle-wait", "0", "--silent", "--json", str(out),
+                    "--tasks", "forward,train,frozen,cached,greedy,beam"])  # serving: test_benchmark_throughput.py
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     assert "training step" in table and "beam 3" in table and "matmul peak" in table

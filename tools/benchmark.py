@@ -11,6 +11,12 @@ Same config (base, or large with --size large), same random weights (ours conver
             does for images already seen; transformers has no such cache, its column shows the frozen step
   greedy    generation of exactly --new-tokens tokens (min = max), image encoding included; batch 1
   beam      the same with 3 beams
+  serve1    ours: python -m florence2.serve (a subprocess, --max-batch-size 8) answering one client's requests;
+  serve8    ... eight clients' at once (dynamic batching)
+  batch     ours: python -m florence2 predict over a folder (batch 8, a DataLoader worker)
+            the three against transformers' generate looped one image at a time, on the same images: <OD> on
+            1024x768 JPEGs (decoded and preprocessed in the timing), 3 beams, exactly --throughput-tokens new tokens
+            (48 by default: about eight objects of a label and four locations each); seconds per image
 
 Every measurement runs in a fresh subprocess (one per implementation and group of tasks), so that the peak
 resident memory of one cannot leak into the other: each task resets the kernel's high-water mark
@@ -29,7 +35,7 @@ The process environment is the same for both (the children inherit it). With --t
 MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_ so that glibc keeps freed memory instead of returning
 it to the OS and taking page faults on every new large tensor; the default run uses the plain environment.
 
-    python tools/benchmark.py                      # base, CPU, about 9 minutes on 2 cores
+    python tools/benchmark.py                      # base, CPU, about 16 minutes on 2 cores (7 of them throughput)
     python tools/benchmark.py --quick --json out.json
     python tools/benchmark.py --size large --tasks forward,beam
     python tools/benchmark.py --device cuda --dtype bfloat16 --compile   # CUDA: bf16 autocast, compiled towers
@@ -38,6 +44,7 @@ it to the OS and taking page faults on every new large tensor; the default run u
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -51,10 +58,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("ours", "transformers")
-TASKS = ("forward", "train", "frozen", "cached", "greedy", "beam")
+TASKS = ("forward", "train", "frozen", "cached", "greedy", "beam", "serve1", "serve8", "batch")
 GROUPS = {"forward": "infer", "greedy": "infer", "beam": "infer", "train": "train", "frozen": "frozen",
-          "cached": "frozen"}  # tasks that share a child process
-GOALS = {"train": 0.75, "frozen": 0.75, "beam": 0.6, "memory": 0.9, "peak_fraction": 0.8}
+          "cached": "frozen", "serve1": "throughput", "serve8": "throughput",
+          "batch": "throughput"}  # tasks that share a child process
+GOALS = {"train": 0.75, "frozen": 0.75, "beam": 0.6, "memory": 0.9, "peak_fraction": 0.8,
+         "serve8": 0.5}  # serve8: half the seconds per image of transformers' loop, twice its images/s
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
                 "MALLOC_TOP_PAD_": "1073741824"}
 
@@ -385,10 +394,12 @@ def run_child(impl: str, group: str, args) -> dict:
     if group == ONNX_TASK:
         result[ONNX_TASK] = onnx_measurements(args)
         return result
+    tasks = [t for t in args.tasks if GROUPS[t] == group and not (t == "cached" and impl != "ours")]
+    if group == "throughput":
+        return result | run_throughput(impl, args, tasks)
     config, model = build_models(impl, args)
     if args.compile:
         vision_tower(impl, model).compile()
-    tasks = [t for t in args.tasks if GROUPS[t] == group and not (t == "cached" and impl != "ours")]
     batch = 1 if group == "infer" and set(tasks) <= {"greedy", "beam"} else args.batch
     inputs = make_inputs(config, args, batch)
     for task in tasks:
@@ -408,13 +419,223 @@ def run_child(impl: str, group: str, args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------- child: serving and batch throughput
+THROUGHPUT_TASK = "<OD>"
+THROUGHPUT_BEAMS = 3  # the checkpoints' default
+SERVE_CLIENTS = {"serve1": 1, "serve8": 8}
+THROUGHPUT_IMAGES = {"serve1": 2, "serve8": 16, "batch": 16, "loop": 2}  # per timed repetition
+LOOP = "loop"  # transformers' side of the three: its generate, one image at a time
+
+
+def throughput_images(folder: Path, count: int) -> list[Path]:
+    """`count` 1024x768 JPEGs (shapes and text on a gradient), as a camera or a scanner would give them."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        ramp = np.linspace(0, 255, 1024, dtype=np.float32)[None, :, None]
+        pixels = (ramp * rng.uniform(0.3, 1.0, size=(1, 1, 3)) + rng.normal(0, 12, size=(768, 1024, 3)))
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x, y = rng.integers(0, 900), rng.integers(0, 650)
+            draw.rectangle((x, y, x + rng.integers(40, 300), y + rng.integers(40, 300)),
+                           fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.text((40, 40 + 10 * i), f"picture {i}", fill="white")
+        path = folder / f"image-{i:03d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def throughput_options(args) -> dict:
+    n = args.throughput_tokens
+    return {"max_new_tokens": n, "min_new_tokens": n, "num_beams": THROUGHPUT_BEAMS}
+
+
+def measure_rate(fn, args, reps: int, warm_up=None) -> dict:
+    """Seconds per image over `reps` calls of fn() -> (images, seconds); other processes' CPU is not measured
+    (the server is one of them), the machine is only waited for to be idle."""
+    if warm_up is not None:
+        warm_up()
+    gc.collect()
+    reset_peak_memory(args)
+    times = []
+    for _ in range(reps):
+        wait_for_idle(args.max_idle_wait)
+        images, seconds = fn()
+        times.append(seconds / images)
+    return {"times": times, "others_cpu": [], "peak_mb": peak_memory_mb(args)}
+
+
+def loop_fn(model, config, images: list[Path], args):
+    """transformers' generate on one image after the other: decode, preprocess (our processor: the same pixels),
+    generate."""
+    import torch
+    from PIL import Image
+
+    from florence2.processor import Florence2Processor
+
+    processor = Florence2Processor(image_size=args.image_size)
+    image_tokens = torch.full((1, config.image_tokens(args.image_size)), config.text.vocab_size)  # <image> ids
+    options = dict(throughput_options(args), no_repeat_ngram_size=3, early_stopping=True, forced_bos_token_id=0,
+                   forced_eos_token_id=2, do_sample=False, decoder_start_token_id=2, length_penalty=1.0)
+    model.eval()
+
+    def run(paths=images):
+        start = clock(args)
+        for path in paths:
+            with Image.open(path) as image:
+                inputs = processor(text=THROUGHPUT_TASK, images=image)
+            ids = torch.cat([image_tokens, inputs["input_ids"]], dim=1).to(args.device)
+            with torch.no_grad(), autocast(args):
+                out = model.generate(pixel_values=inputs["pixel_values"].to(args.device), input_ids=ids, **options)
+            if out.shape[1] != args.throughput_tokens + 1:
+                raise RuntimeError(f"transformers generated {out.shape[1] - 1} tokens, not {args.throughput_tokens}")
+        return len(paths), clock(args) - start
+    return run
+
+
+class ServerProcess:
+    """python -m florence2.serve on a free port, with its defaults but the batch size and the wait."""
+
+    def __init__(self, folder: Path, args, log: Path):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "florence2.serve", "--model", str(folder), "--port", str(port), "--device",
+               args.device, "--max-batch-size", "8", "--max-wait-ms", "10"]
+        if args.dtype != "float32":  # inference in that dtype (the loop autocasts)
+            cmd += ["--dtype", args.dtype]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait(self, timeout: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the server did not start in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def served(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url + "/health", timeout=30).json()["served"]
+
+    def peak_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def serve_fn(url: str, images: list[bytes], clients: int, args):
+    """fn(requests) -> (requests, seconds): `clients` threads posting the images in turn, each waiting for its
+    answer before it sends the next."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    fields = {"task": THROUGHPUT_TASK, **{k: str(v) for k, v in throughput_options(args).items()}}
+    client = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=clients))
+
+    def one(i: int) -> None:
+        response = client.post("/v1/predict", files={"image": ("image.jpg", images[i % len(images)], "image/jpeg")},
+                               data=fields)
+        if response.status_code != 200:
+            raise RuntimeError(f"the server answered {response.status_code}: {response.text}")
+
+    def run(requests: int):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(requests)))
+        return requests, time.perf_counter() - start
+    return run
+
+
+def run_throughput(impl: str, args, tasks: list[str]) -> dict:
+    """The serving and batch tasks of `impl` (ours), or transformers' loop they are compared with."""
+    import tempfile
+
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="florence2-throughput-") as tmp:
+        tmp = Path(tmp)
+        config, model = build_models(impl, args)  # (puts this checkout first on sys.path)
+        from florence2 import batch
+        from florence2.processor import Florence2Processor
+
+        count = max(THROUGHPUT_IMAGES[t] for t in [*tasks, LOOP])
+        images = throughput_images(tmp / "images", count)
+        if impl == "transformers":
+            fn = loop_fn(model, config, images[:THROUGHPUT_IMAGES[LOOP]], args)
+            result[LOOP] = measure_rate(fn, args, args.reps, warm_up=lambda: fn(images[:1]))
+            return result
+        folder = tmp / "model"  # the server and the command read a checkpoint folder, as users give them
+        model.save_pretrained(folder)
+        Florence2Processor(image_size=args.image_size).save_pretrained(folder)
+        del model
+        if "batch" in tasks:
+            runs = iter(range(args.reps))
+            options = [f"--{k.replace('_', '-')}={v}" for k, v in throughput_options(args).items()]
+            dtype = ["--dtype", args.dtype] if args.dtype != "float32" else []
+
+            def batch_run():
+                out = tmp / f"batch-{next(runs)}.jsonl"
+                cli = batch.parse_args([str(tmp / "images"), "--task", THROUGHPUT_TASK, "--output", str(out),
+                                        "--model", str(folder), "--batch-size", "8", "--num-workers", "1",
+                                        "--device", args.device, *options, *dtype])
+                counts = batch.run(cli)
+                return counts["predicted"], counts["seconds"]
+            result["batch"] = measure_rate(batch_run, args, args.reps)
+        serving = [t for t in tasks if t in SERVE_CLIENTS]
+        if serving:
+            server = ServerProcess(folder, args, tmp / "server.log")
+            try:
+                server.wait()
+                payloads = [p.read_bytes() for p in images]
+                for task in serving:
+                    fn = serve_fn(server.url, payloads, SERVE_CLIENTS[task], args)
+                    before = server.served()
+                    result[task] = measure_rate(functools.partial(fn, THROUGHPUT_IMAGES[task]), args, args.reps,
+                                                warm_up=functools.partial(fn, SERVE_CLIENTS[task]))
+                    after = server.served()
+                    result[task]["peak_mb"] = server.peak_mb()  # the server's whole life so far
+                    result[task]["batch_size"] = ((after["requests"] - before["requests"]) /
+                                                  (after["batches"] - before["batches"]))  # mean, warm-up included
+            finally:
+                server.close()
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- parent: the run
 def spawn(impl: str, group: str, args) -> dict:
     if args.in_process:
         return run_child(impl, group, args)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, group]
-    for name in ("size", "device", "dtype", "image_size", "batch", "new_tokens", "reps", "threads",
-                 "max_idle_wait"):
+    for name in ("size", "device", "dtype", "image_size", "batch", "new_tokens", "throughput_tokens", "reps",
+                 "threads", "max_idle_wait"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     cmd += ["--tasks", ",".join(args.tasks)] + (["--compile"] if args.compile else [])
     env = dict(os.environ, **(TUNED_MALLOC if args.tuned_malloc else {}))
@@ -440,7 +661,7 @@ def run(args) -> dict:
             order = IMPLS if r % 2 == 0 else IMPLS[::-1]
             for impl in order:
                 result = spawn(impl, group, args)
-                for task in args.tasks:
+                for task in (*args.tasks, LOOP):
                     if task in result:
                         entry = samples[impl].setdefault(task, {"times": [], "others_cpu": [], "peak_mb": []})
                         entry["times"] += result[task]["times"]
@@ -448,6 +669,8 @@ def run(args) -> dict:
                         entry["peak_mb"].append(result[task]["peak_mb"])
                         if "kernels" in result[task]:
                             entry["kernels"] = result[task]["kernels"]
+                        if "batch_size" in result[task]:  # the server's batches
+                            entry.setdefault("batch_size", []).append(result[task]["batch_size"])
                 for task in ("greedy", "beam"):
                     if task in result:
                         report.setdefault("sequences", {}).setdefault(task, {})[impl] = result[task]["sequences"]
@@ -455,7 +678,7 @@ def run(args) -> dict:
                     report.setdefault("forward_flops", {})[impl] = result["forward_flops"]
                 log(args, f"round {r + 1}/{args.rounds} {group:6s} {impl:12s} "
                           + " ".join(f"{t}={statistics.median(result[t]['times']):.2f}s"
-                                     for t in args.tasks if t in result)
+                                     for t in (*args.tasks, LOOP) if t in result)
                           + f"  ({time.perf_counter() - started:.0f} s)")
     if ONNX_TASK in args.tasks:
         report[ONNX_TASK] = spawn("ours", ONNX_TASK, args)[ONNX_TASK]
@@ -476,16 +699,19 @@ def summarize(report: dict, args) -> list[dict]:
 
     labels = {"forward": f"forward, batch {args.batch} (s)", "train": f"training step, batch {args.batch} (s)",
               "frozen": "frozen-vision step (s)", "cached": "frozen step, cached features (s) [1]",
-              "greedy": f"greedy, {args.new_tokens} tokens (s)", "beam": f"beam 3, {args.new_tokens} tokens (s)"}
+              "greedy": f"greedy, {args.new_tokens} tokens (s)", "beam": f"beam 3, {args.new_tokens} tokens (s)",
+              "serve1": "server, 1 client (s/image) [2]", "serve8": "server, 8 clients (s/image) [2]",
+              "batch": "batch prediction (s/image) [2]"}
+    # what transformers' column shows for the tasks it has no counterpart of
+    counterpart = {"cached": "frozen", "serve1": LOOP, "serve8": LOOP, "batch": LOOP}
     tasks = [t for t in args.tasks if t != ONNX_TASK]
     for task in tasks:
         ours = median("ours", task)
-        theirs = median("transformers", task if task != "cached" else "frozen")
+        theirs = median("transformers", counterpart.get(task, task))
         rows.append(_row(labels[task], ours, theirs, GOALS.get(task), "time"))
     for task in tasks:
-        ours, theirs = median("ours", task, "peak_mb"), median("transformers", task, "peak_mb")
-        if task == "cached":
-            theirs = median("transformers", "frozen", "peak_mb")
+        ours = median("ours", task, "peak_mb")
+        theirs = median("transformers", counterpart.get(task, task), "peak_mb")
         goal = GOALS["memory"] if task == "train" else None
         rows.append(_row(f"peak memory, {task} (MB)", ours, theirs, goal, "memory"))
     if "forward" in args.tasks and report.get("forward_flops"):
@@ -548,6 +774,22 @@ def table(report: dict) -> str:
         lines.append("[1] ours fed from the feature cache; transformers has none, its column is its plain frozen step")
     if ONNX_TASK in report:
         lines += [onnx_table(report[ONNX_TASK]), ""]
+    throughput = [t for t in report["args"]["tasks"] if t in SERVE_CLIENTS or t == "batch"]
+    if throughput:
+        a = report["args"]
+        lines.append(f"[2] {THROUGHPUT_TASK} on 1024x768 JPEGs at {a['image_size']} px, {THROUGHPUT_BEAMS} beams, "
+                     f"exactly {a['throughput_tokens']} new tokens, decoding and preprocessing included; ours through "
+                     "HTTP (python -m florence2.serve, --max-batch-size 8) or python -m florence2 predict (batch 8); "
+                     "transformers' column: its generate looped one image at a time (the server's peak memory "
+                     "against the loop's)")
+        rows = [r for r in report["summary"] if r["what"].endswith("(s/image) [2]") and r["ours"]]
+        if rows and rows[0]["transformers"]:
+            lines.append("images/s: " + "; ".join(f"{r['what'].split(' (')[0]} {1 / r['ours']:.3f}" for r in rows)
+                         + f"; transformers' loop {1 / rows[0]['transformers']:.3f}")
+        sizes = {t: statistics.mean(report["samples"]["ours"][t]["batch_size"]) for t in SERVE_CLIENTS
+                 if "batch_size" in report["samples"]["ours"].get(t, {})}
+        if sizes:
+            lines.append("the server's mean batch: " + "; ".join(f"{t} {v:.1f}" for t, v in sizes.items()))
     m = report["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory_gb']:.0f} GB; "
                  f"torch {m['torch']}, transformers {m['transformers']}; {m['environment']}")
@@ -586,6 +828,7 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--throughput-tokens", type=int, default=48, help="new tokens per image of serve1/serve8/batch")
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)}; {ONNX_TASK}: the ONNX export (not by default)")
     p.add_argument("--rounds", type=int, default=1,

@@ -21,18 +21,16 @@ under onnxruntime. onnx and onnxruntime are the optional extra `export`: importe
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .. import weights
+from .. import cli, weights
 from ..postprocess import PARSE_TYPES, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT
 from .graphs import GRAPHS
 
@@ -183,13 +181,8 @@ def _umask() -> int:
 
 
 # --------------------------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (python -m florence2.export --help)\n")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m florence2.export", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m florence2.export", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="hub id or checkpoint folder (Microsoft's or transformers' layout)")
     p.add_argument("out_dir", type=Path, help="output folder (new or empty)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the graphs (default fp32)")
@@ -203,9 +196,8 @@ def main(argv=None) -> int:
         require_export_extra()
         out = export(args.model, args.out_dir, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter,
                      revision=args.revision, overwrite=args.overwrite)
-    except (ValueError, OSError, ImportError) as e:  # CheckpointError and ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except cli.USER_ERRORS as e:
+        return cli.report(p.prog, e)
     for path in sorted((out / "onnx").glob("*.onnx")):
         print(f"{path.relative_to(out)}  {path.stat().st_size / 2**20:.1f} MB")
     print(f"wrote {out}")
