@@ -464,7 +464,8 @@ class Distributed:
 
 @contextlib.contextmanager
 def exclusive(path: Path):
-    """One run per output: an flock on OUT.lock, which the kernel releases if the run is killed."""
+    """One run per output: a POSIX lock on OUT.lock, which the kernel releases when the run dies. Not flock: a
+    DataLoader worker forked from the run would share an flock and hold it after the run is killed."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
@@ -474,8 +475,8 @@ def exclusive(path: Path):
     fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN or EACCES, by platform
             raise InputError(f"{path} is being written by another run; wait for it or use another --output") \
                 from None
         try:

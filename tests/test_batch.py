@@ -145,6 +145,36 @@ def test_a_run_killed_halfway_resumes_with_every_input_once(model_dir, tmp_path,
     assert found == lines(straight)  # nothing lost, nothing changed
 
 
+HOLD_THE_OUTPUT = """
+import os, sys, time
+from pathlib import Path
+from florence2.batch import exclusive
+with exclusive(Path(sys.argv[1])):
+    if os.fork() == 0:  # as a DataLoader worker does; it outlives its parent killed with SIGKILL for a while
+        time.sleep(60)
+        os._exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_an_output_being_written_is_refused_until_its_run_dies(model_dir, folder, tmp_path, capsys):
+    out = tmp_path / "od.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_OUTPUT, str(out)], env=_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as refused:
+            main(_arguments(model_dir, out, folder))
+        assert refused.value.code == 2
+        assert "is being written by another run" in capsys.readouterr().err
+        os.kill(holder.pid, signal.SIGKILL)  # the run, not its forked child
+        holder.wait()
+        assert main(_arguments(model_dir, out, folder)) == 0
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
 def test_two_ranks_give_what_one_gives(model_dir, folder, tmp_path):
     single = tmp_path / "single.jsonl"
     assert main(["predict", str(folder), "--task", "<OD>", "--output", str(single), "--model", str(model_dir),
