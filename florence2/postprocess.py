@@ -132,7 +132,10 @@ def post_process_generation(text: str | None, task: str, image_size: Sequence[fl
         polygons: {"polygons": [[[x1, y1, x2, y2, ...], ...] per instance], "labels": [...]}
         description_with_bboxes_or_polygons: {"bboxes", "bboxes_labels", "polygons", "polygons_labels"}
     With `token_spans` ([start, end) of each generated token in `text`) and `token_scores` (its log-probability),
-    box answers of "description_with_bboxes" also get "scores": exp(mean log-prob of the box's four loc tokens).
+    every answer with coordinates also gets the original's confidence of each item: exp(mean log-prob of its loc
+    tokens), as "scores" (one per box, OCR quad or polygon instance; "bboxes_scores" and "polygons_scores" for
+    description_with_bboxes_or_polygons). The original computes it for <OD> and <DENSE_REGION_CAPTION> only; the
+    other tasks get the same rule over their own loc tokens (their box mAP needs it).
     `text` None counts as "" (an empty answer).
     """
     if not isinstance(task, str):
@@ -147,33 +150,41 @@ def post_process_generation(text: str | None, task: str, image_size: Sequence[fl
             _check_image_size(image_size)
         return {task: text.replace("<s>", "").replace("</s>", "")}
     _check_image_size(image_size)
+    scored = token_spans is not None and token_scores is not None
     if kind == "ocr":
-        return {task: _parse_ocr(text, image_size)}
+        # the original removes only <s>, which leaves the generation's leading </s> in the first label: both go here
+        clean, where = _strip_sequence_markers(text, ("<s>", "</s>"))
+        found = _parse_ocr(clean, image_size, _Scorer(where, token_spans, token_scores) if scored else None)
+        answer = {"quad_boxes": [quad for _, quad, _ in found], "labels": [label for label, _, _ in found]}
+        return {task: _with_scores(answer, "scores", found, scored)}
 
-    clean, where = _strip_sequence_markers(text)
+    clean, where = _strip_sequence_markers(text, ("<s>", "</s>", "<pad>"))
+    score = _Scorer(where, token_spans, token_scores) if scored else None
     if kind in ("description_with_bboxes", "bboxes", "phrase_grounding"):
-        scored = kind == "description_with_bboxes" and token_spans is not None and token_scores is not None
         found = _parse_boxes(clean, image_size, phrase_required=kind != "bboxes",
                              blacklist=PHRASE_GROUNDING_BLACKLIST if kind == "phrase_grounding" else frozenset(),
-                             score=_BoxScorer(where, token_spans, token_scores) if scored else None)
+                             score=score)
         answer = {"bboxes": [box for _, box, _ in found], "labels": [label for label, _, _ in found]}
-        if scored:
-            answer["scores"] = [score for _, _, score in found]
-        return {task: answer}
+        return {task: _with_scores(answer, "scores", found, scored)}
     if kind == "polygons":
-        found = _parse_polygons(clean, image_size, phrase_required=False)
-        return {task: {"polygons": [polygons for _, polygons in found], "labels": [label for label, _ in found]}}
+        found = _parse_polygons(clean, image_size, phrase_required=False, score=score)
+        answer = {"polygons": [polygons for _, polygons, _ in found], "labels": [label for label, _, _ in found]}
+        return {task: _with_scores(answer, "scores", found, scored)}
     # description_with_bboxes_or_polygons: one or the other, decided by whether the answer has a polygon at all
     answer = {"bboxes": [], "bboxes_labels": [], "polygons": [], "polygons_labels": []}
     if "<poly>" in text:
-        for label, polygons in _parse_polygons(clean, image_size, phrase_required=True):
-            answer["polygons"].append(polygons)
-            answer["polygons_labels"].append(label)
-    else:
-        for label, box, _ in _parse_boxes(clean, image_size, phrase_required=True):
-            answer["bboxes"].append(box)
-            answer["bboxes_labels"].append(label)
-    return {task: answer}
+        found = _parse_polygons(clean, image_size, phrase_required=True, score=score)
+        answer.update(polygons=[polygons for _, polygons, _ in found], polygons_labels=[label for label, _, _ in found])
+        return {task: _with_scores(answer, "polygons_scores", found, scored)}
+    found = _parse_boxes(clean, image_size, phrase_required=True, score=score)
+    answer.update(bboxes=[box for _, box, _ in found], bboxes_labels=[label for label, _, _ in found])
+    return {task: _with_scores(answer, "bboxes_scores", found, scored)}
+
+
+def _with_scores(answer: dict, key: str, found: list, scored: bool) -> dict:
+    if scored:
+        answer[key] = [item_score for _, _, item_score in found]
+    return answer
 
 
 # ----------------------------------------------------------------------------------------- quantization
@@ -203,11 +214,12 @@ def quantize(coordinates: Sequence[float], image_size: Sequence[float]) -> list[
 
 
 # ----------------------------------------------------------------------------------------- parsers
-def _parse_ocr(text: str, image_size) -> dict:
-    # the original removes only <s>, which leaves the generation's leading </s> in the first label: both go here
-    lines = _OCR_LINE.findall(text.replace("<s>", "").replace("</s>", ""))
-    coords = dequantize([int(k) for line in lines for k in line[1:]], image_size)
-    return {"quad_boxes": [coords[i:i + 8] for i in range(0, len(coords), 8)], "labels": [line[0] for line in lines]}
+def _parse_ocr(text: str, image_size, score=None) -> list[tuple[str, list[float], float | None]]:
+    """(label, quad, score) of every text line followed by eight loc tokens."""
+    lines = list(_OCR_LINE.finditer(text))
+    coords = dequantize([int(k) for line in lines for k in line.groups()[1:]], image_size)
+    return [(line.group(1), coords[8 * i:8 * i + 8], score((line.end(1), line.end())) if score else None)
+            for i, line in enumerate(lines)]
 
 
 def _parse_boxes(text: str, image_size, *, phrase_required: bool, blacklist: frozenset = frozenset(),
@@ -225,14 +237,16 @@ def _parse_boxes(text: str, image_size, *, phrase_required: bool, blacklist: fro
         label = label.encode("ascii", errors="ignore").decode("ascii")
         coords = dequantize([int(k) for box in boxes for k in box.groups()], image_size)
         for i, box in enumerate(boxes):
-            box_score = score(phrase.start() + box.start(), phrase.start() + box.end()) if score else None
+            box_score = score((phrase.start() + box.start(), phrase.start() + box.end())) if score else None
             found.append((label, coords[4 * i:4 * i + 4], box_score))
     return found
 
 
-def _parse_polygons(text: str, image_size, *, phrase_required: bool) -> list[tuple[str, list[list[float]]]]:
-    """(label, polygons) per instance. Instances are <poly>...</poly> when the answer has them, polygons within one
-    are separated by <sep>, and an unpaired last coordinate is dropped."""
+def _parse_polygons(text: str, image_size, *, phrase_required: bool,
+                    score=None) -> list[tuple[str, list[list[float]], float | None]]:
+    """(label, polygons, score) per instance. Instances are <poly>...</poly> when the answer has them, polygons
+    within one are separated by <sep>, and an unpaired last coordinate is dropped. The score is over the loc tokens
+    of the instance's polygons."""
     found = []
     for phrase in (_PHRASE_WITH_POLYGONS if phrase_required else _BARE_POLYGONS).finditer(text):
         phrase_text = phrase.group()
@@ -241,18 +255,19 @@ def _parse_polygons(text: str, image_size, *, phrase_required: bool) -> list[tup
             continue
         label = _POLYGON_MARKUP.sub("", label.group()).strip()
         if "<poly>" in phrase_text and "</poly>" in phrase_text:
-            instances = [m.group(1) for m in _POLYGON_INSTANCE.finditer(phrase_text)]
+            instances = [(m.group(1), phrase.start() + m.start(1)) for m in _POLYGON_INSTANCE.finditer(phrase_text)]
         else:
-            instances = [phrase_text]
-        for instance in instances:
-            polygons = []
+            instances = [(phrase_text, phrase.start())]
+        for instance, offset in instances:
+            polygons, spans = [], []
             for polygon in _POLYGON.finditer(instance):
                 bins = [int(k) for k in _LOC.findall(polygon.group(1))]
                 bins = bins[:len(bins) - len(bins) % 2]
                 if bins:
                     polygons.append(dequantize(bins, image_size))
+                    spans.append((offset + polygon.start(1), offset + polygon.end(1)))
             if polygons:
-                found.append((label, polygons))
+                found.append((label, polygons, score(*spans) if score else None))
     return found
 
 
@@ -267,11 +282,11 @@ def _phrase_text(text: str, phrase: re.Match) -> str:
 
 
 # ----------------------------------------------------------------------------------------- scores
-def _strip_sequence_markers(text: str) -> tuple[str, list[int]]:
-    """`text` without <s>, </s> and <pad> (removed one kind after the other, as the original's str.replace calls),
-    and for each remaining character its position in `text`, so spans of generated tokens stay usable."""
+def _strip_sequence_markers(text: str, markers: tuple[str, ...]) -> tuple[str, list[int]]:
+    """`text` without the markers (removed one kind after the other, as the original's str.replace calls), and for
+    each remaining character its position in `text`, so spans of generated tokens stay usable."""
     where = list(range(len(text)))
-    for marker in ("<s>", "</s>", "<pad>"):
+    for marker in markers:
         parts = text.split(marker)
         kept, start = [], 0
         for part in parts:
@@ -281,16 +296,17 @@ def _strip_sequence_markers(text: str) -> tuple[str, list[int]]:
     return text, where
 
 
-class _BoxScorer:
-    """Score of the box whose loc tokens span [start, end) of the cleaned text: exp of the mean log-prob of the
-    generated tokens overlapping it (the original's "avg_loc_scores")."""
+class _Scorer:
+    """Score of the item whose loc tokens span the [start, end) ranges of the cleaned text: exp of the mean log-prob
+    of the generated tokens overlapping them (the original's "avg_loc_scores" of a box)."""
 
     def __init__(self, where: list[int], spans: Sequence[tuple[int, int]], scores: Sequence[float]):
         self.where, self.spans, self.scores = where, list(spans), [float(s) for s in scores]
 
-    def __call__(self, start: int, end: int) -> float:
-        first, last = self.where[start], self.where[end - 1] + 1
-        picked = [s for (a, b), s in zip(self.spans, self.scores) if not (b <= first or a >= last)]
+    def __call__(self, *ranges: tuple[int, int]) -> float:
+        bounds = [(self.where[start], self.where[end - 1] + 1) for start, end in ranges]
+        picked = [s for (a, b), s in zip(self.spans, self.scores)
+                  if any(not (b <= first or a >= last) for first, last in bounds)]
         return math.exp(sum(picked) / len(picked)) if picked else math.nan
 
 

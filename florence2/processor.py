@@ -135,12 +135,12 @@ class Florence2Processor:
     """Prompts and images in, model inputs out; generated ids in, parsed answers out.
 
     Florence2Processor() is the standard processor of every Microsoft checkpoint (from the files shipped in
-    florence2/assets). `image_size` (a square side, a multiple of 32) replaces the 768 px of the configuration,
-    for models trained at another resolution. `max_prompt_length` defaults to model_max_length (1024) minus the
-    image tokens.
+    florence2/assets). `image_size` (a square side, or (height, width); multiples of 32) replaces the 768x768 of the
+    configuration, for models trained at another resolution (florence2/image_size.py says what bounds it).
+    `max_prompt_length` defaults to model_max_length (1024) minus the image tokens.
     """
 
-    def __init__(self, image_size: int | None = None, max_prompt_length: int | None = None, *,
+    def __init__(self, image_size: int | tuple[int, int] | None = None, max_prompt_length: int | None = None, *,
                  tokenizer: Tokenizer | None = None, tokenizer_config: dict | None = None,
                  preprocessor_config: dict | None = None):
         self.tokenizer = _with_florence_tokens(tokenizer or Tokenizer.from_file(str(ASSETS / "tokenizer.json")))
@@ -151,7 +151,8 @@ class Florence2Processor:
         self.model_max_length = int(tokenizer_config.get("model_max_length", MODEL_MAX_LENGTH))
         if image_size is not None:  # the stored image_seq_length belongs to the stored size: drop both
             preprocessor_config = {k: v for k, v in preprocessor_config.items() if k != "image_seq_length"}
-            preprocessor_config["size"] = {"height": image_size, "width": image_size}
+            height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+            preprocessor_config["size"] = {"height": height, "width": width}
         self.image_settings = ImageSettings.from_config(preprocessor_config)
         if max_prompt_length is None:
             max_prompt_length = self.model_max_length - self.image_seq_length
@@ -302,7 +303,7 @@ class Florence2Processor:
                                 sequence=None, transition_scores=None) -> dict:
         """{task: answer} for a generated `text` (decoded with special tokens), or for a generated `sequence`
         (1-D ids starting with the decoder start token) with its `transition_scores` (one log-prob per token after
-        the start), which adds detection "scores" to <OD> / <DENSE_REGION_CAPTION> answers. `image_size` is
+        the start), which adds the confidence "scores" of boxes, quads and polygons to the answer. `image_size` is
         (width, height) of the original image, needed for tasks with coordinates (not for captions, OCR, VQA...).
         See postprocess.post_process_generation for the answers."""
         if task is None:

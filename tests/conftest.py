@@ -122,12 +122,13 @@ def offline_hub_cache(monkeypatch, hub: Path, checkpoint: Path) -> None:
 TRAIN_IMAGE_SIZE = 64
 
 
-def _tiny_model_folder(folder: Path, **text_changes) -> Path:
+def _tiny_model_folder(folder: Path, vision_changes: dict | None = None, **text_changes) -> Path:
     from florence2 import Florence2
     from florence2.config import PRESETS, with_changes
     from florence2.processor import Florence2Processor
 
-    Florence2.from_config(with_changes(PRESETS["tiny"], text=text_changes), seed=0).save_pretrained(folder)
+    config = with_changes(PRESETS["tiny"], vision=vision_changes or {}, text=text_changes)
+    Florence2.from_config(config, seed=0).save_pretrained(folder)
     Florence2Processor(image_size=TRAIN_IMAGE_SIZE).save_pretrained(folder)
     return folder
 
@@ -140,9 +141,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def no_dropout_model_dir(tmp_path_factory) -> Path:
-    """The same without dropout: runs that draw dropout masks differently (1 vs 2 processes) must then agree."""
-    return _tiny_model_folder(tmp_path_factory.mktemp("tiny_no_dropout"), dropout=0.0, attention_dropout=0.0,
-                              activation_dropout=0.0)
+    """The same without dropout or stochastic depth: runs that draw masks differently (1 vs 2 processes) must then
+    agree."""
+    return _tiny_model_folder(tmp_path_factory.mktemp("tiny_no_dropout"), {"drop_path_rate": 0.0}, dropout=0.0,
+                              attention_dropout=0.0, activation_dropout=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +154,16 @@ def dataset_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("docs") / "data"
     build_dataset(train_documents=6, validation_documents=2, seed=0).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_dataset_dir(tmp_path_factory) -> Path:
+    """Fewer documents (18 questions to train on, 4 steps an epoch at batch 4), for the runs under torchrun."""
+    from training.synthetic import build_dataset
+
+    folder = tmp_path_factory.mktemp("small_docs") / "data"
+    build_dataset(train_documents=3, validation_documents=1, seed=0).save_to_disk(str(folder))
     return folder
 
 
@@ -171,3 +183,32 @@ def train_losses(out: Path) -> list[tuple[int, float]]:
 
 def last_checkpoint(out: Path) -> Path:
     return sorted((out / "checkpoints").glob("step-*"))[-1]
+
+
+def prepared(cfg):
+    """A training run set up as `fit` sets it up (model, data, optimizer), without training."""
+    from training import distributed
+    from training.trainer import Run, prepare
+
+    run = Run(cfg, distributed.setup(cfg.device))
+    prepare(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def detection_exports(tmp_path_factory) -> dict[str, Path]:
+    """The same small detection data (train: 4 images, valid: 2) as a Roboflow COCO export, a JSONL export, a YOLO
+    folder and a saved HF dataset."""
+    from . import detection_data as dd
+
+    root = tmp_path_factory.mktemp("exports")
+    splits = {"train": dd.make_split(4, 0), "valid": dd.make_split(2, 1)}
+    dd.hf_dataset(splits).save_to_disk(str(root / "hf"))
+    return {"coco": dd.write_coco(root / "coco", splits), "jsonl": dd.write_jsonl(root / "jsonl", splits),
+            "yolo": dd.write_yolo(root / "yolo", splits), "hf": root / "hf"}
+
+
+def detection_args(model_dir: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["--task", "<OD>", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
+            "--epochs", "1", "--batch-size", "2", "--lr", "1e-3", "--num-workers", "0", "--max-new-tokens", "8",
+            "--num-beams", "1", "--log-every", "1", *extra]

@@ -11,11 +11,15 @@ import pytest
 import torch
 
 from florence2 import Florence2
-from training.docvqa import Trainer, parse_args
-from training.lora import add_lora, merged_state_dict
+from training.data import EpochSampler
+from training.docvqa import parse_args
+from training.lora import DEFAULT_TARGETS, add_lora, load_adapter, merged_state_dict
+from training.trainer import fit
 
 from .conftest import TRAIN_IMAGE_SIZE as IMAGE_SIZE
-from .conftest import last_checkpoint, metrics, train_args, train_losses
+from .conftest import detection_args, last_checkpoint, metrics, prepared, train_args, train_losses
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model's ops are too small to share out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +39,13 @@ def final_weights(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir, dataset_dir, tmp_path, strategy):
-    one = torchrun(1, train_args(no_dropout_model_dir, dataset_dir, tmp_path / "one"), tmp_path / "one")
-    two = torchrun(2, train_args(no_dropout_model_dir, dataset_dir, tmp_path / "two", "--batch-size", "2",
-                                 "--strategy", strategy), tmp_path / "two")
+def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir, small_dataset_dir, tmp_path,
+                                                          strategy):
+    # FSDP shards a trained tower block by block (a frozen one stays whole: the detection test below has it)
+    vision = ["--train-vision"] if strategy == "fsdp" else []
+    one = torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "one", *vision), tmp_path / "one")
+    two = torchrun(2, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "two", "--batch-size", "2",
+                                 "--strategy", strategy, *vision), tmp_path / "two")
     losses_one, losses_two = train_losses(one), train_losses(two)
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two]
     for (_, a), (_, b) in zip(losses_one, losses_two):
@@ -50,14 +57,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir
 
 
 @pytest.mark.slow
-def test_resume_on_a_different_number_of_ranks(no_dropout_model_dir, dataset_dir, tmp_path):
-    straight = torchrun(1, train_args(no_dropout_model_dir, dataset_dir, tmp_path / "a"), tmp_path / "a")
-    two_ranks = torchrun(2, train_args(no_dropout_model_dir, dataset_dir, tmp_path / "b", "--batch-size", "2",
+def test_resume_on_a_different_number_of_ranks(no_dropout_model_dir, small_dataset_dir, tmp_path):
+    straight = torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "a"), tmp_path / "a")
+    two_ranks = torchrun(2, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "b", "--batch-size", "2",
                                        "--save-every", "2", "--keep-last", "0"), tmp_path / "b")
     # continue the two-rank run from its step-2 checkpoint on one rank (same global batch of 4)
     resumed = tmp_path / "c"
     shutil.copytree(two_ranks / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    torchrun(1, train_args(no_dropout_model_dir, dataset_dir, resumed, "--resume", "auto"), resumed)
+    torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, resumed, "--resume", "auto"), resumed)
     expected = [x for x in train_losses(straight) if x[0] > 2]
     assert [s for s, _ in train_losses(resumed)] == [s for s, _ in expected]
     assert [loss for _, loss in train_losses(resumed)] == pytest.approx([loss for _, loss in expected], abs=1e-5)
@@ -69,12 +76,11 @@ def test_feature_cache_skips_the_tower_after_the_first_epoch(no_dropout_model_di
     runs = {}
     for cache in ("none", "memory", "disk"):
         out = tmp_path / cache
-        trainer = Trainer(parse_args(train_args(no_dropout_model_dir, dataset_dir, out, "--feature-cache", cache)))
-        trainer.run()
-        runs[cache] = (trainer, out)
-    plain = train_losses(runs["none"][1])
+        fit(parse_args(train_args(no_dropout_model_dir, dataset_dir, out, "--feature-cache", cache)))
+        runs[cache] = out
+    plain = train_losses(runs["none"])
     for cache in ("memory", "disk"):
-        trainer, out = runs[cache]
+        out = runs[cache]
         assert train_losses(out) == plain  # the same features, bit for bit: identical losses
         per_epoch = [r["vision_tower_images"] for r in metrics(out) if "vision_tower_images" in r]
         assert per_epoch[0] > 0 and per_epoch[1:] == [0] * (len(per_epoch) - 1)
@@ -83,13 +89,16 @@ def test_feature_cache_skips_the_tower_after_the_first_epoch(no_dropout_model_di
 def test_lora_trains_saves_merged_weights_and_matches_the_adapter_model(no_dropout_model_dir, dataset_dir, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    trainer = Trainer(parse_args(train_args(no_dropout_model_dir, dataset_dir, out, "--lora", "--lora-rank", "4",
-                                            "--lr", "1e-2")))
-    trainer.run()
-    trainable = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
+    argv = train_args(no_dropout_model_dir, dataset_dir, out, "--lora", "--lora-rank", "4", "--lr", "1e-2")
+    trainable = [n for n, p in prepared(parse_args(argv)).module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    merged = Florence2.from_pretrained(last_checkpoint(out)).eval()
-    adapter_model = trainer.module.eval()
+    fit(parse_args(argv))
+    final = last_checkpoint(out)
+    merged = Florence2.from_pretrained(final).eval()
+    adapter_model = Florence2.from_pretrained(no_dropout_model_dir)  # the base plus the saved adapters
+    add_lora(adapter_model, 4, 8.0, 0.05, DEFAULT_TARGETS, include_vision=False)
+    load_adapter(adapter_model, final)
+    adapter_model.eval()
     px = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     ids = torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
     labels = torch.tensor([[0, 500, 2], [0, 600, 2]])
@@ -120,9 +129,76 @@ def test_merged_state_dict_folds_the_adapters_in():
                                    rtol=0, atol=1e-5)
 
 
-def test_group_by_length_runs(no_dropout_model_dir, dataset_dir, tmp_path):
-    out = tmp_path / "grouped"
-    Trainer(parse_args(train_args(no_dropout_model_dir, dataset_dir, out, "--group-by-length", "--max-steps",
-                                  "2"))).run()
+def test_group_by_length_batches_examples_of_similar_token_counts(no_dropout_model_dir, dataset_dir, tmp_path):
+    run = prepared(parse_args(train_args(no_dropout_model_dir, dataset_dir, tmp_path / "grouped",
+                                         "--group-by-length", "--batch-size", "2")))
+    tokens = [len(run.processor.prompt_ids(e.prompt)) + len(run.processor.text_ids(e.target))
+              for e in run.train_set.examples]
+    assert run.lengths == tokens and len(set(tokens)) > 2
+
+    def spread(lengths):  # the padding a batch of the first epoch needs, summed over the batches
+        order = list(EpochSampler(len(tokens), 2, seed=0, lengths=lengths))
+        return sum(max(tokens[i] for i in order[b:b + 2]) - min(tokens[i] for i in order[b:b + 2])
+                   for b in range(0, len(order), 2))
+
+    assert spread(run.lengths) < spread(None) / 2
+    out = tmp_path / "run"
+    fit(parse_args(train_args(no_dropout_model_dir, dataset_dir, out, "--group-by-length", "--max-steps", "2")))
     assert [s for s, _ in train_losses(out)] == [1, 2]
-    assert json.loads((last_checkpoint(out) / "trainer.json").read_text())["group_by_length"]
+
+
+# Runs training.finetune under torchrun with DDP's gradient reduction counted: each bucket's all-reduce is recorded
+# as happening during a micro-step that should skip it (before the last of the step) or one that should not.
+COUNTING = """
+import contextlib, json, os, sys
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from training import distributed, finetune
+calls, state = {"during_skipped_micro_steps": 0, "during_last_micro_steps": 0}, {"skip": False}
+original_no_sync, original_wrap = distributed.no_sync, distributed.wrap
+
+@contextlib.contextmanager
+def recording_no_sync(model, skip):
+    state["skip"] = skip
+    with original_no_sync(model, skip):
+        yield
+
+def counting_wrap(model, strategy, d):
+    wrapped = original_wrap(model, strategy, d)
+    def hook(process_group, bucket):
+        calls["during_skipped_micro_steps" if state["skip"] else "during_last_micro_steps"] += 1
+        return allreduce_hook(process_group, bucket)
+    if strategy == "ddp":
+        wrapped.register_comm_hook(None, hook)
+    return wrapped
+
+distributed.no_sync, distributed.wrap = recording_no_sync, counting_wrap
+finetune.main(sys.argv[2:])
+with open(f"{sys.argv[1]}-{os.environ['RANK']}.json", "w") as f:
+    json.dump(calls, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_detection_with_grad_accum_two_processes_equal_one_and_skip_the_early_all_reduces(
+        no_dropout_model_dir, detection_exports, tmp_path, strategy):
+    coco, one, two = detection_exports["coco"], tmp_path / "one", tmp_path / "two"
+    # the same global batch of 4: 2 examples x 2 micro-steps on one process, 1 x 2 on each of two
+    fit(parse_args(detection_args(no_dropout_model_dir, coco, one, "--grad-accum", "2", "--epochs", "2")))
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path / "calls"), *detection_args(no_dropout_model_dir, coco, two, "--grad-accum", "2",
+                                                        "--epochs", "2", "--batch-size", "1", "--strategy", strategy)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    losses_one, losses_two = train_losses(one), train_losses(two)
+    assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == [1, 2]
+    for (_, a), (_, b) in zip(losses_one, losses_two):
+        assert a == pytest.approx(b, abs=1e-5)
+    for (name, a), b in zip(final_weights(one).items(), final_weights(two).values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    for rank in (0, 1) if strategy == "ddp" else ():  # DDP reduced gradients on the last micro-step of a step only
+        calls = json.loads((tmp_path / f"calls-{rank}.json").read_text())
+        assert calls["during_skipped_micro_steps"] == 0 and calls["during_last_micro_steps"] > 0, calls

@@ -13,7 +13,7 @@ from training.feature_cache import FeatureCache
 
 
 def _state(step):
-    return ckpt.TrainingState(step=step, epoch=0, position=step * 4, best_anls=None, best_step=None,
+    return ckpt.TrainingState(step=step, epoch=0, position=step * 4, best_score=None, best_step=None,
                               skipped_examples=0, optimizer={"state": {}, "param_groups": []}, scheduler={},
                               rng=ckpt.rng_state())
 
@@ -49,7 +49,7 @@ def test_sampler_group_by_length():
 
 def test_collator_pads_and_drops_bad_examples():
     good = {"index": 0, "pixel_values": torch.zeros(3, 4, 4), "prompt_ids": [0, 5, 2], "target_ids": [0, 9, 9, 2],
-            "answers": ["a"], "image_key": "k", "question_type": "t"}
+            "image_key": "k", "image_size": (4, 4)}
     short = {**good, "index": 1, "prompt_ids": [0, 2], "target_ids": [0, 2]}
     batch = Collator(pad_token_id=1)([good, {"error": "example 7: broken", "index": 7}, short])
     assert batch.indices == [0, 1] and batch.errors == ["example 7: broken"]
@@ -119,7 +119,7 @@ def test_lock_refuses_a_second_live_run_and_takes_over_a_dead_one(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         (tmp_path / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(RuntimeError, match=f"in use by another training run \\(pid {sleeper.pid}\\)"):
+        with pytest.raises(ckpt.RunInUse, match=f"in use by another training run \\(pid {sleeper.pid}\\)"):
             ckpt.RunLock(tmp_path).acquire()
     finally:
         sleeper.kill()

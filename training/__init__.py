@@ -1,1 +1,1 @@
-"""Fine-tuning Florence-2: python -m training.docvqa."""
+"""Fine-tuning and evaluating Florence-2: python -m training.finetune, training.docvqa, training.evaluate."""

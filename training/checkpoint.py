@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step-00000120/` holding what `Florence2.fr
 model.safetensors, the processor files) plus `training_state.pt` (optimizer, scheduler, step, epoch, position in
 the epoch, RNG states) and `trainer.json` (the arguments of the run). It is written in a temporary folder and
 renamed into place, so every `step-*` folder is complete and the newest one is always loadable. `best/` holds the
-checkpoint with the best validation ANLS (hard links, so it costs no extra disk).
+checkpoint with the best validation score of the task's metric (hard links, so it costs no extra disk).
 
 Only tensors and plain Python values are stored; training_state.pt is read with `weights_only=True`.
 """
@@ -28,12 +28,16 @@ class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed; the previous checkpoints are intact."""
 
 
+class RunInUse(RuntimeError):
+    """Another live run holds the output folder."""
+
+
 @dataclass
 class TrainingState:
     step: int  # optimizer steps done
     epoch: int
     position: int  # samples of this epoch already consumed (global, across ranks)
-    best_anls: float | None
+    best_score: float | None  # the best evaluation's value of the task's primary metric
     best_step: int | None
     skipped_examples: int
     optimizer: dict
@@ -171,7 +175,7 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise RuntimeError(f"{self.path.parent} is in use by another training run (pid {owner}); "
+                    raise RunInUse(f"{self.path.parent} is in use by another training run (pid {owner}); "
                                        "use another --output-dir, or wait for that run to stop and --resume it"
                                        ) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone

@@ -1,13 +1,9 @@
-"""DocVQA-shaped data for fine-tuning: loading, one example per question, preprocessing in workers, batching.
+"""From examples to batches: each example built in a DataLoader worker, padded into batches, sampled per epoch.
 
-Two dataset shapes are understood:
-- DocumentVQA (HuggingFaceM4/DocumentVQA): one row per question, columns `question`, `answers` (a list), `image`.
-- The Cauldron (HuggingFaceM4/the_cauldron, one config per source such as `docvqa`): one row per image, columns
-  `images` (a list) and `texts` (a list of {user, assistant} turns); every turn is one example.
-
-Images are read from their encoded bytes (the datasets `Image` feature with decode=False) so that a broken image is
-an error of that example, not of the loader, and so that each image has a key (a hash of its bytes) shared by all
-questions about it.
+An example is a task's (prompt, target) for one image of a split (tasks.py, formats/). Building it reads and decodes
+the image (a broken file is that example's error, skipped and counted by the trainer, never the loader's), resizes
+it to pixel values, tokenizes the prompt (truncated to the encoder's room, keeping </s>) and the target. Each image
+has a key, a hash of its bytes, shared by all examples of the image (the feature cache uses it).
 """
 
 from __future__ import annotations
@@ -22,143 +18,52 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-IGNORE_INDEX = -100
+from florence2.config import IGNORE_INDEX
+
+from .formats import LazyCell, Split
 
 
-@dataclass(frozen=True)
-class Columns:
-    question: str = "question"
-    answers: str = "answers"
-    image: str = "image"
+class TaskDataset(torch.utils.data.Dataset):
+    """The examples of one split as tensors. A broken example (an unreadable image) comes back as
+    {"error": ...} so that the batch can skip it and the run can count it."""
 
-
-class DataError(ValueError):
-    """A dataset that cannot be used as asked: missing split or columns, unknown source."""
-
-
-def load_split(source: str, split: str, config: str | None = None, revision: str | None = None):
-    """A `datasets.Dataset` from a hub id, a `save_to_disk` folder, a parquet file, or a folder of data files."""
-    import datasets
-
-    path = Path(source).expanduser()
-    try:
-        if path.is_file():
-            builder = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
-            if builder is None:
-                raise DataError(f"{path}: unsupported data file type {path.suffix!r} (use parquet, json or csv)")
-            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-        if path.is_dir():
-            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-                loaded = datasets.load_from_disk(str(path))
-                if isinstance(loaded, datasets.DatasetDict):
-                    if split not in loaded:
-                        raise DataError(f"{path} has no split {split!r} (it has {sorted(loaded)})")
-                    return loaded[split]
-                return loaded
-            return datasets.load_dataset(str(path), config, split=split)
-        return datasets.load_dataset(source, config, split=split, revision=revision)
-    except DataError:
-        raise
-    except ValueError as e:  # datasets reports an unknown split as ValueError
-        raise DataError(f"cannot load split {split!r} of {source}: {e}") from None
-    except FileNotFoundError as e:
-        raise DataError(f"cannot find dataset {source}: {e}") from None
-
-
-def dataset_shape(dataset, columns: Columns) -> str:
-    names = set(dataset.column_names)
-    if {columns.question, columns.answers, columns.image} <= names:
-        return "docvqa"
-    if {"images", "texts"} <= names:
-        return "cauldron"
-    raise DataError(f"dataset columns {sorted(names)} are neither DocumentVQA's ({columns.question!r}, "
-                    f"{columns.answers!r}, {columns.image!r}; rename with --question-column etc.) nor The Cauldron's "
-                    "('images', 'texts')")
-
-
-def example_index(dataset, shape: str) -> list[tuple[int, int]]:
-    """(row, turn) of every example: one per row for DocumentVQA, one per dialogue turn for The Cauldron."""
-    if shape == "docvqa":
-        return [(row, 0) for row in range(len(dataset))]
-    return [(row, turn) for row, texts in enumerate(dataset["texts"]) for turn in range(len(texts or []))]
-
-
-class QADataset(torch.utils.data.Dataset):
-    """Examples as tensors, built in DataLoader workers. A broken example (unreadable image, empty question or
-    answers) comes back as {"error": ...} so the batch can skip it and the run can count it."""
-
-    def __init__(self, dataset, processor, prompt_template: str = "<DocVQA>{question}",
-                 columns: Columns = Columns(), max_prompt_tokens: int | None = None, max_target_tokens: int = 256):
-        import datasets
-
-        self.shape = dataset_shape(dataset, columns)
-        image_column = columns.image if self.shape == "docvqa" else "images"
-        feature = datasets.Image(decode=False)
-        if self.shape == "cauldron":
-            feature = datasets.Sequence(feature) if not isinstance(dataset.features["images"], list) else [feature]
-        self.dataset = dataset.cast_column(image_column, feature)
-        self.index = example_index(self.dataset, self.shape)
+    def __init__(self, split: Split, examples: list, processor, max_prompt_tokens: int | None = None,
+                 max_target_tokens: int = 256):
+        self.samples = split.samples
+        self.examples = examples
         self.processor = processor
-        self.prompt_template = prompt_template
-        self.columns = columns
         self.max_prompt_tokens = max_prompt_tokens or processor.max_prompt_length
         self.max_target_tokens = max_target_tokens
 
     def __len__(self) -> int:
-        return len(self.index)
-
-    def text(self, i: int) -> tuple[str, list[str]]:
-        """The question and the reference answers of example i (no image decoding)."""
-        row, turn = self.index[i]
-        if self.shape == "docvqa":
-            record = self.dataset[row]
-            answers = record[self.columns.answers]
-            if isinstance(answers, str):
-                answers = [answers]
-            return record[self.columns.question], list(answers or [])
-        texts = self.dataset[row]["texts"][turn]
-        return texts["user"], [texts["assistant"]]
+        return len(self.examples)
 
     def text_lengths(self) -> list[int]:
         """Prompt plus target tokens of every example, without decoding images (for length-grouped batching)."""
-        lengths = []
-        for i in range(len(self)):
-            question, answers = self.text(i)
-            prompt = self.prompt_template.format(question=question or "")
-            lengths.append(len(self.processor.prompt_ids(prompt)) + len(self.processor.text_ids(answers[0] if answers
-                                                                                                 else "")))
-        return lengths
+        return [len(self.processor.prompt_ids(e.prompt)) + len(self.processor.text_ids(e.target))
+                for e in self.examples]
 
     def __getitem__(self, i: int) -> dict:
         try:
             return self._build(i)
         except Exception as e:  # one bad example must not kill an epoch hours in; the caller decides
-            return {"error": f"example {i}: {type(e).__name__}: {e}", "index": i}
+            where = self.samples[self.examples[i].sample].where
+            return {"error": f"example {i} ({where}): {type(e).__name__}: {e}", "index": i}
 
     def _build(self, i: int) -> dict:
-        record = self.dataset[self.index[i][0]]
-        question, answers = self.text(i)
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("empty question")
-        answers = [a for a in answers if isinstance(a, str) and a.strip()]
-        if not answers:
-            raise ValueError("no non-empty answer")
-        stored = record[self.columns.image] if self.shape == "docvqa" else (record["images"] or [None])[0]
+        example = self.examples[i]
+        sample = self.samples[example.sample]
+        stored = sample.image.get() if isinstance(sample.image, LazyCell) else {"bytes": None, "path": sample.image}
         image, key = open_image(stored)
         pixel_values = self.processor.image_tensor(image)
-        prompt = self.prompt_template.format(question=question)
-        prompt_ids = self.processor.prompt_ids(prompt)
+        prompt_ids = self.processor.prompt_ids(example.prompt)
         if len(prompt_ids) > self.max_prompt_tokens:
             prompt_ids = prompt_ids[: self.max_prompt_tokens - 1] + prompt_ids[-1:]  # keep </s>
-        target_ids = self.processor.text_ids(answers[0])
+        target_ids = self.processor.text_ids(example.target)
         if len(target_ids) > self.max_target_tokens:
             target_ids = target_ids[: self.max_target_tokens - 1] + target_ids[-1:]
         return {"index": i, "pixel_values": pixel_values, "prompt_ids": prompt_ids, "target_ids": target_ids,
-                "answers": answers, "image_key": key, "question_type": self.question_type(record)}
-
-    def question_type(self, record: dict) -> str:
-        types = record.get("question_types") if self.shape == "docvqa" else None
-        return types[0] if isinstance(types, list) and types else "all"
+                "image_key": key, "image_size": image.size}
 
 
 def open_image(stored) -> tuple[Image.Image, str]:
@@ -185,10 +90,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, L) right-padded with the pad id
     attention_mask: torch.Tensor  # (B, L)
     labels: torch.Tensor  # (B, T) right-padded with -100
-    indices: list[int]
-    answers: list[list[str]]
+    indices: list[int]  # the examples' indices in their dataset
     image_keys: list[str]
-    question_types: list[str]
+    image_sizes: list[tuple[int, int]]  # (width, height) of each decoded image
     errors: list[str]  # examples dropped from this batch, with the reason
 
     def __len__(self) -> int:
@@ -197,8 +101,7 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         move = {"device": device, "non_blocking": True}
         return Batch(self.pixel_values.to(**move), self.input_ids.to(**move), self.attention_mask.to(**move),
-                     self.labels.to(**move), self.indices, self.answers, self.image_keys, self.question_types,
-                     self.errors)
+                     self.labels.to(**move), self.indices, self.image_keys, self.image_sizes, self.errors)
 
 
 class Collator:
@@ -212,7 +115,7 @@ class Collator:
         good = [e for e in examples if "error" not in e]
         if not good:
             return Batch(torch.empty(0), torch.empty(0, 0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long),
-                         torch.empty(0, 0, dtype=torch.long), [], [], [], [], errors)
+                         torch.empty(0, 0, dtype=torch.long), [], [], [], errors)
         prompt_len = max(len(e["prompt_ids"]) for e in good)
         target_len = max(len(e["target_ids"]) for e in good)
         input_ids = torch.full((len(good), prompt_len), self.pad_token_id, dtype=torch.long)
@@ -223,8 +126,8 @@ class Collator:
             attention_mask[row, : len(e["prompt_ids"])] = 1
             labels[row, : len(e["target_ids"])] = torch.tensor(e["target_ids"])
         return Batch(torch.stack([e["pixel_values"] for e in good]), input_ids, attention_mask, labels,
-                     [e["index"] for e in good], [e["answers"] for e in good], [e["image_key"] for e in good],
-                     [e["question_type"] for e in good], errors)
+                     [e["index"] for e in good], [e["image_key"] for e in good], [e["image_size"] for e in good],
+                     errors)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -267,3 +170,14 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         group = self.batch_size * self.world_size
         return max(0, self.global_batches() - math.ceil(self.start / group)) * self.batch_size
+
+
+def loader(dataset, sampler, batch_size: int, num_workers: int, seed: int, pin_memory: bool):
+    """A DataLoader over `sampler` (an EpochSampler or a list of indices) that collates into Batches."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collator(dataset.processor.pad_token_id),
+        num_workers=num_workers, pin_memory=pin_memory,
+        # a private generator: creating an iterator must not consume the global RNG (dropout), or a resumed run
+        # would draw different dropout masks than the run it continues
+        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        prefetch_factor=4 if num_workers else None)

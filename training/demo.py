@@ -1,5 +1,6 @@
 """The offline demo (`python -m training.docvqa --preset demo`): synthetic DocVQA-shaped documents and a small
-Florence-2 trained on the CPU, in two stages like the real model.
+Florence-2 trained on the CPU, in two stages like the real model. This module holds the demo's model, its preset's
+defaults (presets.py) and its orchestration: write the data and the initial model, then run the trainer twice.
 
 The model keeps Florence-2's architecture and its real tokenizer (51289 tokens) but is small (vision dims 24-192,
 two text layers of width 192) and sees 192x192 images.
@@ -21,11 +22,18 @@ learned positions at the encoder's input.
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from florence2 import Florence2
 from florence2.config import Florence2Config, TextConfig, VisionConfig
 from florence2.processor import Florence2Processor
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig
+from .trainer import fit
 
 IMAGE_SIZE = 192
 TRAIN_DOCUMENTS = 300
@@ -33,6 +41,8 @@ VALIDATION_DOCUMENTS = 40
 CAPTION_DOCUMENTS = 1600  # the pretraining pages, none of them among the question pages
 CAPTION_VALIDATION_DOCUMENTS = 32
 PRETRAIN_EPOCHS = 4
+DEMO_MODEL = "demo"  # --model of the preset: the small model, pretrained by the demo itself
+DEMO_DATA, DEMO_CAPTIONS, DEMO_PRETRAIN, INITIAL_MODEL = "demo-data", "demo-captions", "pretrain", "initial-model"
 
 
 def demo_config() -> Florence2Config:
@@ -67,4 +77,49 @@ def ensure_demo_data(folder: Path, seed: int, captions: bool = False, log=print)
     log(f"writing the synthetic {'captions' if captions else 'documents'} to {folder} ...")
     counts = (CAPTION_DOCUMENTS, CAPTION_VALIDATION_DOCUMENTS) if captions else (TRAIN_DOCUMENTS, VALIDATION_DOCUMENTS)
     write_dataset(folder, *counts, seed=seed, captions=captions)
+    return folder
+
+
+def docvqa_defaults(first) -> dict:
+    """The preset: a small Florence-2 on synthetic documents, trained from scratch (see the module's docstring)."""
+    defaults = {"model": DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "epochs": 3, "batch_size": 16,
+                "optimizer": "adamw", "lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 20,
+                "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5,
+                "num_workers": 2, "train_vision": True, "feature_cache": "none"}
+    if first.optimizer == "adamw":  # an AdamW setting: not for --optimizer sgd
+        defaults["embedding_eps"] = 3e-4
+    return defaults
+
+
+def run_docvqa(cfg: TrainConfig) -> dict:
+    """Write the synthetic documents (and, for the demo's own model, its captions and initial weights), pretrain
+    that model on the captions (a finished stage is reused: --resume auto), then fine-tune it on the questions."""
+    d = distributed.setup(cfg.device)
+    stage_dir = cfg.output_dir / DEMO_PRETRAIN
+    if d.is_main:
+        if cfg.dataset == str(cfg.output_dir / DEMO_DATA):
+            ensure_demo_data(Path(cfg.dataset), seed=cfg.seed)
+        if cfg.model == DEMO_MODEL:
+            ensure_demo_data(stage_dir / DEMO_CAPTIONS, seed=cfg.seed, captions=True)
+            ensure_initial_model(stage_dir / INITIAL_MODEL, seed=cfg.seed)
+    distributed.barrier(d)
+    if cfg.model == DEMO_MODEL:
+        stage = replace(cfg, output_dir=stage_dir, model=str(stage_dir / INITIAL_MODEL),
+                        dataset=str(stage_dir / DEMO_CAPTIONS), prompt_template="{question}", epochs=PRETRAIN_EPOCHS,
+                        resume="auto", eval_before_training=False, max_new_tokens=40)
+        fit(stage)
+        cfg = replace(cfg, model=str(ckpt.latest_checkpoint(stage_dir)))
+    return fit(cfg)
+
+
+def ensure_initial_model(folder: Path, seed: int) -> Path:
+    """The demo model as initialized from `seed`, saved once (written aside, then renamed into place)."""
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    processor = demo_processor()
+    demo_model(processor, seed=seed).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tmp.rename(folder)
     return folder

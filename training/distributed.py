@@ -70,14 +70,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def broadcast_object(value, d: Dist):
-    if not d.enabled:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ------------------------------------------------------------------------------------------------ model wrapping
 STRATEGIES = ("ddp", "fsdp")
 
@@ -96,15 +88,37 @@ def wrap(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Module:
 
         tower = model.vision_tower
         frozen = not any(p.requires_grad for p in tower.parameters())
-        if not frozen:
-            for stage in tower.blocks:
-                fully_shard(stage)
+        if not frozen:  # one unit per block (a stage is a ModuleList, which has no forward of its own to hook)
+            for block in (b for stage in tower.blocks for b in stage):
+                fully_shard(block)
         for layer in (*model.language_model.encoder.layers, *model.language_model.decoder.layers):
             fully_shard(layer)
         # A frozen tower is called on its own (outside the root's forward) and never updated: keep it whole
         fully_shard(model, ignored_params=set(tower.parameters()) if frozen else None)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, skip: bool):
+    """With `skip`, backward passes accumulate gradients locally without reducing them across ranks (the micro-steps
+    of gradient accumulation before the last): DDP's no_sync, FSDP2's set_requires_gradient_sync(False)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not skip:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 @contextlib.contextmanager
@@ -123,10 +137,6 @@ def gathered(model: torch.nn.Module):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def _options(d: Dist):

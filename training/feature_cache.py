@@ -15,15 +15,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from florence2 import kernels
+
 
 @torch.no_grad()
 def frozen_features(vision_tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The frozen tower's output (B, h, w, C), one image at a time: an image's features then do not depend on the
     other images of its batch (batched matmuls may round differently), so cached and recomputed features are
-    bit-identical."""
+    bit-identical. It runs the inference kernels (in place, without a graph: the tower is frozen)."""
     was_training = vision_tower.training
     vision_tower.eval()
-    features = torch.cat([vision_tower(pixel_values[i:i + 1]) for i in range(pixel_values.shape[0])])
+    with kernels.using(vision_tower, "inference", strict=False):
+        features = torch.cat([vision_tower(pixel_values[i:i + 1]) for i in range(pixel_values.shape[0])])
     vision_tower.train(was_training)
     return features
 
