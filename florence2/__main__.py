@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 (default), float16, bfloat16")
     p.add_argument("--num-beams", type=int, default=None, help="default: the checkpoint's (3)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
+                   help="read the image at this size (multiples of 32; default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
     args = p.parse_args(argv)
@@ -46,7 +48,9 @@ def run(args) -> int:
     from PIL import Image
 
     from .draw import draw_result
+    from .image_size import processor_at
     from .model import Florence2
+    from .predict import default_processor
 
     if not args.image.is_file():
         raise FileNotFoundError(f"no image file at {args.image}")
@@ -59,7 +63,8 @@ def run(args) -> int:
     model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                if v is not None}
-    result = model.predict(image, args.task, text=args.text, **options)
+    processor = None if args.image_size is None else processor_at(model, default_processor(model), args.image_size)
+    result = model.predict(image, args.task, text=args.text, processor=processor, **options)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

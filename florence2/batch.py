@@ -531,12 +531,15 @@ def run(args: argparse.Namespace) -> dict:
 def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts: dict, show: bool) -> None:
     from tqdm import tqdm  # comes with huggingface_hub
 
+    from .image_size import processor_at
     from .model import Florence2
     from .predict import default_processor
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     processor = default_processor(model)
+    if args.image_size is not None:
+        processor = processor_at(model, processor, args.image_size)
     options = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens")
                if getattr(args, name) is not None}
     task = args.task
@@ -598,6 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--min-new-tokens", type=int, default=None,
                    help="no end before this many tokens (equal to --max-new-tokens: answers of one length)")
+    p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
+                   help="read the images at this size (multiples of 32; default: the checkpoint's)")
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .image_size import parse_image_size
+
 # The errors a command reports as the user's: bad values and inputs (ValueError, with CheckpointError and
 # ConfigError), files and checkpoints that are missing or unreadable (OSError), a missing optional extra
 # (ImportError, whose message says which pip install fixes it). Anything else is a bug and keeps its traceback.
@@ -17,6 +19,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """The type of --image-size flags: "768" or "HxW", multiples of 32 (florence2.image_size)."""
+    try:
+        return parse_image_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def report(prog: str, error: BaseException) -> int:

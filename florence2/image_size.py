@@ -65,12 +65,29 @@ def fit_image_size(model, processor: Florence2Processor, size: tuple[int, int],
     The encoder's position table grows in place when image tokens + prompt_tokens do not fit it (see above)."""
     check_image_size(model, size)
     needed = image_tokens(size) + prompt_tokens
-    positions = model.config.text.max_position_embeddings
-    if needed > positions:
+    if needed > model.config.text.max_position_embeddings:
         grow_positions(model, needed)
-        positions = needed
+    return _processor(model, processor, size)
+
+
+def processor_at(model, processor: Florence2Processor, size: tuple[int, int]) -> Florence2Processor:
+    """The processor that reads images of `size` with `model` as it is, for prediction: no table grows (new rows
+    would be untrained copies). Refused with the arithmetic past DaViT's table, or when the image tokens leave no
+    room for a prompt; a model fine-tuned at such a size has grown its table, and its checkpoint records the size."""
+    check_image_size(model, size)
+    positions = model.config.text.max_position_embeddings
+    if image_tokens(size) + 2 > positions:
+        raise ValueError(f"image size {size[0]}x{size[1]}: its {image_tokens(size)} image tokens "
+                         f"(({size[0]}/{PATCH})({size[1]}/{PATCH}) + 1) and a prompt of at least <s></s> need more "
+                         f"than the text encoder's {positions} positions; fine-tune at this size "
+                         "(python -m training.finetune --image-size), which grows them")
+    return _processor(model, processor, size)
+
+
+def _processor(model, processor: Florence2Processor, size: tuple[int, int]) -> Florence2Processor:
+    """`processor` at `size`, its prompts bounded by the model's positions (its tokenizer and image settings kept)."""
     return Florence2Processor(image_size=size, tokenizer=processor.tokenizer,
-                              tokenizer_config={"model_max_length": positions},
+                              tokenizer_config={"model_max_length": model.config.text.max_position_embeddings},
                               preprocessor_config=processor.image_settings.to_config())
 
 

@@ -242,6 +242,19 @@ def test_coco_polygons_and_ocr_regions():
     assert ocr["categories"][0]["name"] == "text" and ocr["annotations"][0]["attributes"] == {"text": "TOTAL"}
 
 
+def test_image_size_reads_every_image_at_that_size(model, model_dir, folder, tmp_path, one_thread):
+    out = tmp_path / "captions.jsonl"
+    assert main(["predict", str(folder / "picture-0*.png"), "--task", "<CAPTION>", "--output", str(out), "--model",
+                 str(model_dir), "--image-size", "64x96", "--batch-size", "3", "--num-workers", "0",
+                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    at_size = Florence2Processor(image_size=(64, 96))
+    found = lines(out)
+    assert len(found) == 8
+    for record in found:
+        assert record["result"] == alone(model, record, processor=at_size, max_new_tokens=12)
+    assert any(record["result"] != alone(model, record, max_new_tokens=12) for record in found)
+
+
 def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, one_thread):
     datasets = pytest.importorskip("datasets")
     images = [Image.open(p) for p in pictures(tmp_path / "pictures", 3)]
@@ -270,6 +283,7 @@ def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, one_
     (["{folder}", "--task", "<OD>", "--text", "cars"], "takes no input"),
     (["{folder}", "--task", "<CAPTION>", "--format", "coco"], "answers with text"),
     (["{folder}", "--task", "<OD>", "--batch-size", "0"], "--batch-size"),
+    (["{folder}", "--task", "<OD>", "--image-size", "64x90"], "the width 90 is not a positive multiple of 32"),
     (["{manifest}", "--task", "<OD>"], "line 2: not JSON"),
     (["{folder}", "--task", "<CAPTION>", "--output", "{taken}"], "holds results of task <OD>"),
 ])

@@ -152,7 +152,7 @@ def test_a_users_mistakes_end_in_one_line(no_dropout_model_dir, exports, tmp_pat
         (["training.finetune", "--task", "<OD>", "--dataset", str(tmp_path / "nowhere"), "--output-dir",
           str(tmp_path / "a"), "--model", str(no_dropout_model_dir)], 1, "no such file or folder"),
         (["training.evaluate", "--model", "someone/not-cached", "--task", "<OD>", "--dataset", str(exports["coco"]),
-          "--output-dir", str(tmp_path / "b")], 1, "cannot download someone/not-cached"),
+          "--output-dir", str(tmp_path / "b")], 1, "cannot download config.json of someone/not-cached"),
     ]
     for argv, status, message in cases:
         done = subprocess.run([sys.executable, "-m", *argv], env=env, cwd=ROOT, capture_output=True, text=True,

@@ -124,6 +124,19 @@ def run_main(argv, capsys) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
+def test_image_size_reads_the_image_at_that_size(model_dir, capsys):
+    argv = [str(IMAGE), "--task", "<CAPTION>", "--model", str(model_dir), "--json", "--max-new-tokens", "12",
+            "--device", "cpu"]
+    assert main([*argv, "--image-size", "96x160"]) == 0
+    at_size = json.loads(capsys.readouterr().out)
+    model = Florence2.from_pretrained(model_dir)
+    expected = model.predict(Image.open(IMAGE), "<CAPTION>", processor=Florence2Processor(image_size=(96, 160)),
+                             max_new_tokens=12)
+    assert at_size == json.loads(json.dumps(expected))
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) != at_size  # the checkpoint's 128x128 is another picture
+
+
 def test_mistakes_end_in_one_line(model_dir, tmp_path, capsys):
     page = tmp_path / "page.png"
     Image.new("RGB", (40, 30), "white").save(page)
@@ -138,6 +151,12 @@ def test_mistakes_end_in_one_line(model_dir, tmp_path, capsys):
         ([str(page), "--task", "<OD>", *model, "--num-beams", "0"], 1, "num_beams must be a positive integer"),
         ([str(page), "--task", "<OD>", "--model", str(tmp_path / "no" / "such")], 1,
          "neither a local folder nor a hub repo id"),
+        ([str(page), "--task", "<OD>", *model, "--image-size", "1632"], 1,
+         "the height of 1632 px needs 51 position cells of 32 px, and DaViT's 2-D position table has 50 a side"),
+        ([str(page), "--task", "<OD>", *model, "--image-size", "512"], 1,
+         "its 257 image tokens ((512/32)(512/32) + 1) and a prompt of at least <s></s> need more than the text "
+         "encoder's 256 positions"),
+        ([str(page), "--task", "<OD>", *model, "--image-size", "100"], 2, "the height 100 is not a positive multiple"),
         ([str(page), "--task", "<OD>", *model, "--num-beams", "three"], 2, "invalid int value: 'three'"),
         ([str(page)], 2, "the following arguments are required: --task"),
     ]

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from florence2.image_size import parse_image_size
+from florence2 import cli
 
 from . import distributed
 from .formats import FORMATS
@@ -93,13 +93,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def image_size_flag(text: str) -> tuple[int, int]:
-    try:
-        return parse_image_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser(prog: str, description: str, task: str | None, presets: dict, required: bool = True):
     p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                add_help=required)  # the first, lenient pass leaves --help to the real one
@@ -130,7 +123,7 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
     g.add_argument("--feature-cache", choices=["none", "memory", "disk"], default="none",
                    help="with the vision tower frozen, compute each image's vision features once and reuse them "
                         "across examples and epochs: in memory, or on disk under OUTPUT_DIR/feature-cache")
-    g.add_argument("--image-size", type=image_size_flag, default=None, metavar="S|HxW",
+    g.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="train and evaluate at this size (a side, or height x width; multiples of 32; default: the "
                         "checkpoint's). Up to 1600 px a side (DaViT's position table); the text encoder's position "
                         "table grows if the image tokens and prompts do not fit it. The checkpoint records the size")

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from florence2 import cli
 from florence2.model import shift_right
 
 from . import distributed
-from .config import Parser, image_size_flag
+from .config import Parser
 from .data import IGNORE_INDEX, TaskDataset, loader
 from .feature_cache import frozen_features
 from .formats import FORMATS, Columns, DataError, LazyCell
@@ -141,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="validation", help="also found as valid or val")
     p.add_argument("--dataset-config", default=None)
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--image-size", type=image_size_flag, default=None, metavar="S|HxW",
+    p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="evaluate at this size (default: the checkpoint's)")
     p.add_argument("--question-column", default="question")
     p.add_argument("--answers-column", default="answers")
