@@ -151,6 +151,11 @@ def test_a_users_mistakes_end_in_one_line(no_dropout_model_dir, exports, tmp_pat
     cases = [
         (["training.finetune", "--task", "<OD>", "--dataset", str(tmp_path / "nowhere"), "--output-dir",
           str(tmp_path / "a"), "--model", str(no_dropout_model_dir)], 1, "no such file or folder"),
+        # the data is read before the model: its mistake is said before a model download is tried
+        (["training.finetune", "--task", "<OD>", "--dataset", str(tmp_path / "nowhere"), "--output-dir",
+          str(tmp_path / "a"), "--model", "someone/not-cached"], 1, "no such file or folder"),
+        (["training.evaluate", "--model", "someone/not-cached", "--task", "<OD>", "--dataset",
+          str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "b")], 1, "no such file or folder"),
         (["training.evaluate", "--model", "someone/not-cached", "--task", "<OD>", "--dataset", str(exports["coco"]),
           "--output-dir", str(tmp_path / "b")], 1, "cannot download config.json of someone/not-cached"),
     ]

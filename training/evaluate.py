@@ -177,11 +177,12 @@ def run(args: argparse.Namespace) -> dict:
     dist = distributed.setup(args.device)
     try:
         log = print if dist.is_main else (lambda *a: None)
-        model, processor = load_model(args.model, args.revision, args.attn_implementation)
+        # the data before the model, so that a mistake in it is found before a download
         columns = Columns(args.question_column, args.answers_column, args.image_column)
         split, examples = load_examples(task, args.dataset, args.split, training=False, fmt=args.format,
                                         fail=args.on_bad_example == "fail", config=args.dataset_config,
                                         columns=columns, limit=args.limit, log=log)
+        model, processor = load_model(args.model, args.revision, args.attn_implementation)
         processor = fit_size(model, processor, args.image_size, [e.prompt for e in examples], args.max_prompt_tokens)
         positions = model.config.text.max_position_embeddings
         dataset = TaskDataset(split, examples, processor, args.max_prompt_tokens, min(task.max_target_tokens,

@@ -28,7 +28,7 @@ from florence2 import kernels
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
-from .data import EpochSampler, TaskDataset, loader
+from .data import IGNORE_INDEX, EpochSampler, TaskDataset, loader
 from .evaluate import autocast, evaluate, loss_sum, shown
 from .feature_cache import FeatureCache, frozen_features
 from .formats import Columns, DataError
@@ -126,7 +126,15 @@ def prepare(run: Run) -> None:
     torch.manual_seed(cfg.seed)
     resume_from = resume_checkpoint(cfg)
     run.task = task = get_task(cfg.task, cfg.prompt_template)
-    # LoRA resumes on the unmerged base model (its adapters come from the checkpoint)
+    # data first (a mistake in it is found before a model download): the task's examples of each split
+    columns = Columns(cfg.question_column, cfg.answers_column, cfg.image_column)
+    read = dict(fmt=cfg.format, fail=cfg.on_bad_example == "fail", config=cfg.dataset_config, columns=columns,
+                log=lambda message: say(run, message))
+    train_split, train_examples = load_examples(task, cfg.dataset, cfg.train_split, training=True, **read)
+    eval_split, eval_examples = load_examples(task, cfg.dataset, cfg.eval_split, training=False,
+                                              limit=cfg.eval_limit, **read)
+    # then the checkpoint and its processor (the encoder's positions grown for --image-size if needed); LoRA
+    # resumes on the unmerged base model (its adapters come from the checkpoint)
     source = cfg.model if cfg.lora or not resume_from else resume_from
     module, processor = load_model(str(source), None if resume_from and not cfg.lora else cfg.revision,
                                    cfg.attn_implementation)
@@ -134,14 +142,6 @@ def prepare(run: Run) -> None:
             and not cfg.lora:
         raise DataError(f"{resume_from} was trained at {processor.image_size[0]}x{processor.image_size[1]}; resume "
                         "it with the same --image-size")
-
-    # data: the task's examples of each split, then the processor (and the encoder's positions) at --image-size
-    columns = Columns(cfg.question_column, cfg.answers_column, cfg.image_column)
-    read = dict(fmt=cfg.format, fail=cfg.on_bad_example == "fail", config=cfg.dataset_config, columns=columns,
-                log=lambda message: say(run, message))
-    train_split, train_examples = load_examples(task, cfg.dataset, cfg.train_split, training=True, **read)
-    eval_split, eval_examples = load_examples(task, cfg.dataset, cfg.eval_split, training=False,
-                                              limit=cfg.eval_limit, **read)
     processor = fit_size(module, processor, cfg.image_size, [e.prompt for e in train_examples + eval_examples],
                          cfg.max_prompt_tokens)
     positions = module.config.text.max_position_embeddings
@@ -256,7 +256,7 @@ def train_step(run: Run, micro: list) -> float:
     if not cfg.train_vision:
         run.module.vision_tower.eval()  # frozen means deterministic too: no stochastic depth
     count_bad(run, micro)
-    tokens = sum(int((b.labels != -100).sum()) for b in micro)
+    tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
     total_tokens = distributed.all_reduce_sum(torch.tensor(float(tokens), device=run.device), run.dist)
     step_loss = torch.zeros((), device=run.device)
     for i, batch in enumerate(micro):
