@@ -88,6 +88,23 @@ def test_official_coco_layout_merges_instances_and_captions(tmp_path):
     assert sample.captions == ["A dog on a mat."] and sample.image.endswith("val2017/000000000001.jpg")
 
 
+def test_fiftyone_coco_export_per_split_and_as_one_file(tmp_path):
+    for split in ("train", "validation"):  # dataset.export(export_dir=root / split, COCODetectionDataset)
+        (tmp_path / split / "data").mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / split / "data" / f"{split}.jpg")
+        (tmp_path / split / "labels.json").write_text(json.dumps({
+            "info": {}, "licenses": [], "categories": [{"id": 1, "name": "dog", "supercategory": None}],
+            "images": [{"id": 1, "file_name": f"{split}.jpg", "height": 30, "width": 40, "license": None}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 20], "area": 200,
+                             "iscrowd": 0, "segmentation": []}]}))
+    assert detect_format(str(tmp_path)) == "coco"
+    for data in (load_split(str(tmp_path), "validation"), load_split(str(tmp_path / "validation" / "labels.json"),
+                                                                     "validation")):
+        (sample,) = data.samples
+        assert sample.regions == [Region((1.0, 2.0, 11.0, 22.0), "dog", 1)]
+        assert sample.image.endswith("validation/data/validation.jpg") and not data.problems
+
+
 def coco_file(folder, annotations, images=None, categories=None):
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (100, 50)).save(folder / "a.png")

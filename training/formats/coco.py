@@ -5,7 +5,8 @@ Where a split's files are looked for, in `root`, for each name of the split (val
 - `<name>/_annotations.coco.json`, images beside it (Roboflow's export);
 - `annotations/instances_<name>*.json` and `annotations/captions_<name>*.json`, images in `<name>2017/` or
   `<name>/` (the official COCO layout; both files of a split are read and merged by image id);
-- `<name>.json` or `<name>/*.json`, images beside the file, in `images/` or in `<name>/`.
+- `<name>.json` or `<name>/*.json`, images beside the file, in `data/` beside it (FiftyOne's export:
+  `<name>/labels.json` and `<name>/data/`), in `images/` or in `<name>/`.
 A region's text (a description or a transcription, for <DENSE_REGION_CAPTION>, <OCR_WITH_REGION>, ...) is its
 annotation's "text", "utf8_string" (COCO-Text), "description" or "caption" field.
 """
@@ -73,7 +74,8 @@ def read_file(path: Path) -> dict:
 def image_folder(path: Path, root: Path, split: str, file_name: str) -> Path:
     """Where the images of `path` are: the first candidate folder holding the split's first image."""
     tail = path.stem.split("_", 1)[-1]  # instances_val2017 -> val2017
-    candidates = [path.parent, root / tail, root / path.stem, *(root / n for n in split_names(split)),
+    candidates = [path.parent, path.parent / "data", root / tail, root / path.stem,  # data/: FiftyOne's export
+                  *(root / n for n in split_names(split)),
                   root / "images", *(root / "images" / n for n in split_names(split)), root]
     for folder in candidates:
         if (folder / file_name).is_file():
