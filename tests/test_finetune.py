@@ -156,6 +156,11 @@ def test_a_users_mistakes_end_in_one_line(no_dropout_model_dir, exports, tmp_pat
           str(tmp_path / "a"), "--model", "someone/not-cached"], 1, "no such file or folder"),
         (["training.evaluate", "--model", "someone/not-cached", "--task", "<OD>", "--dataset",
           str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "b")], 1, "no such file or folder"),
+        (["training.finetune", "--task", "<OD>", "--dataset", str(exports["coco"]), "--output-dir",
+          str(tmp_path / "c"), "--model", str(no_dropout_model_dir), "--device", "tpu9"], 1,
+         "--device 'tpu9': Invalid device string"),
+        (["training.evaluate", "--model", str(no_dropout_model_dir), "--task", "<OD>", "--dataset",
+          str(exports["coco"]), "--output-dir", str(tmp_path / "d"), "--device", "tpu9"], 1, "--device 'tpu9'"),
         (["training.evaluate", "--model", "someone/not-cached", "--task", "<OD>", "--dataset", str(exports["coco"]),
           "--output-dir", str(tmp_path / "b")], 1, "cannot download config.json of someone/not-cached"),
     ]

@@ -34,7 +34,10 @@ def setup(device: str | None = None) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available on this machine")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from florence2 import CheckpointError, ConfigError, Florence2
+from florence2 import Florence2, cli
 from florence2.image_size import fit_image_size
 from florence2.processor import Florence2Processor
 
@@ -22,9 +22,11 @@ class MissingExtra(ImportError):
     """A package the run needs is not installed; the message says which extra installs it."""
 
 
-# A user's mistake or the run's deliberate stop: the commands end these with one line and a non-zero exit.
-USER_ERRORS = (DataError, MissingExtra, CheckpointError, ConfigError, CheckpointSaveError, RunInUse,
-               FileNotFoundError, FloatingPointError)
+# A user's mistake or the run's deliberate stop: the commands end these with one line and a non-zero exit. Those of
+# every command of the package (bad values, missing files and checkpoints, missing extras: DataError, ConfigError
+# and CheckpointError are ValueErrors), a checkpoint that cannot be saved, a run already using the folder, and
+# --on-nan stop.
+USER_ERRORS = (*cli.USER_ERRORS, CheckpointSaveError, RunInUse, FloatingPointError)
 
 
 def check_extras(packages) -> None:
