@@ -72,24 +72,38 @@ def make_page(seed: int, split: str, index: int) -> tuple[Image.Image, list[tupl
         regions.append(("header", (0, 0, width, band)))
         top = band
     wanted = rng.sample(CATEGORIES[1:], rng.randint(2 - len(regions), len(CATEGORIES) - 1))
-    taken: list[Box] = [r[1] for r in regions]
-    for category in ("table", "title", "stamp", "signature"):  # the largest first, so it finds room
+    while (placed := place(rng, wanted, top, [r[1] for r in regions])) is None:
+        pass  # this draw left no room for one of them: draw again
+    taken = [r[1] for r in regions]
+    for category, (x, y, w, h, params) in placed:
+        regions.append((category, DRAW[category][1](page, rng, (x, y), w, h, params)))
+        taken.append((x - 12, y - 12, x + w + 12, y + h + 12))
+    draw_filler(draw, rng, taken, top)
+    regions.sort(key=lambda r: (r[1][1], r[1][0]))
+    return page, regions
+
+
+def place(rng: random.Random, wanted: list[str], top: int, taken: list[Box]) -> list | None:
+    """A size and a free place below `top` for each wanted region, the largest kind first so it finds room:
+    [(category, (x, y, width, height, params))], or None if one found no room in 50 tries."""
+    width, height = PAGE_SIZE
+    taken, placed = list(taken), []
+    for category in ("table", "title", "stamp", "signature"):
         if category not in wanted:
             continue
-        sample, draw_region = DRAW[category]
-        for _ in range(50):  # rejection sampling: a size, then a free place for it
-            w, h, params = sample(rng)
+        for _ in range(50):
+            w, h, params = DRAW[category][0](rng)
             if w > width - 40 or h > height - top - 40:
                 continue
             x, y = rng.randint(20, width - 20 - w), rng.randint(top + 20, height - 20 - h)
             margin = (x - 12, y - 12, x + w + 12, y + h + 12)
             if not any(overlaps(margin, other) for other in taken):
-                regions.append((category, draw_region(page, rng, (x, y), w, h, params)))
+                placed.append((category, (x, y, w, h, params)))
                 taken.append(margin)
                 break
-    draw_filler(draw, rng, taken, top)
-    regions.sort(key=lambda r: (r[1][1], r[1][0]))
-    return page, regions
+        else:
+            return None
+    return placed
 
 
 def overlaps(a: Box, b: Box) -> bool:
@@ -100,7 +114,7 @@ def overlaps(a: Box, b: Box) -> bool:
 # `at` (its top left) within width x height and returns the box its ink covers.
 def sample_title(rng):
     word = rng.choice([t for titles in TITLES.values() for t in titles])
-    text_size = rng.randint(44, 80)
+    text_size = rng.randint(60, 100)
     x1, y1, x2, y2 = font(text_size).getbbox(word, anchor="lt", stroke_width=1)
     return x2 - x1, y2 - y1, (word, text_size)
 
@@ -146,7 +160,7 @@ def draw_table(page, rng, at, w, h, params):
 
 
 def sample_stamp(rng):
-    side = rng.randint(120, 190)
+    side = rng.randint(140, 210)
     return side, side, None
 
 
@@ -180,8 +194,8 @@ def ink_box(layer: Image.Image, at: tuple[int, int]) -> Box:
 
 
 def sample_signature(rng):
-    w = rng.randint(170, 300)
-    return w, int(w * rng.uniform(0.28, 0.4)), None
+    w = rng.randint(200, 320)
+    return w, int(w * rng.uniform(0.3, 0.45)), None
 
 
 def draw_signature(page, rng, at, w, h, params):
