@@ -16,7 +16,9 @@ vary, so a model must find them in the image: the mean box of each category scor
 
 The export is Roboflow's COCO layout, which the trainer's COCO reader finds with `--format auto`:
 `OUT_DIR/{train,valid,test}/_annotations.coco.json` with the PNG pages beside each file; boxes are `[x, y, width,
-height]` in pixels, annotations listed in reading order (top to bottom, then left to right), category ids from 1.
+height]` in pixels, category ids from 1. A page has at most one region of each category, and its annotations are
+listed in the order of CATEGORIES, the order of the training targets: the decoder then writes, category by category,
+whether the page has one and where (in reading order it would first have to find which region is the top one).
 Everything is a function of (seed, split, page index), and each split draws from a stream of its own.
 """
 
@@ -56,8 +58,8 @@ HEADER_SHARE = 0.6  # pages with a header band
 
 
 def make_page(seed: int, split: str, index: int) -> tuple[Image.Image, list[tuple[str, Box]]]:
-    """Page `index` of a split's stream: the image and its regions [(category, (x1, y1, x2, y2))] in reading
-    order."""
+    """Page `index` of a split's stream: the image and its regions [(category, (x1, y1, x2, y2))], at most one of
+    each category, in the order of CATEGORIES."""
     rng = random.Random(f"florence2-synthetic-detection/{seed}/{split}/{index}")
     width, height = PAGE_SIZE
     page = Image.new("RGB", (width, height), "white")
@@ -79,7 +81,7 @@ def make_page(seed: int, split: str, index: int) -> tuple[Image.Image, list[tupl
         regions.append((category, DRAW[category][1](page, rng, (x, y), w, h, params)))
         taken.append((x - 12, y - 12, x + w + 12, y + h + 12))
     draw_filler(draw, rng, taken, top)
-    regions.sort(key=lambda r: (r[1][1], r[1][0]))
+    regions.sort(key=lambda r: CATEGORIES.index(r[0]))
     return page, regions
 
 
