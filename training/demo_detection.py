@@ -7,10 +7,15 @@ from scratch on the CPU, evaluated with COCO mAP on held-out pages before and af
    under OUTPUT_DIR/demo-data (train/, valid/, test/, each an `_annotations.coco.json` beside its PNG pages): the
    format a user's own export has, read by the trainer's ordinary `--format auto`.
 2. The model: demo.py's (vision dims 24-192, 2+2 text layers of width 192, 192x192 images, the real tokenizer), with
-   one change of initialization, the demo's stand-in for what pretraining gives Florence-2: the rows of the token
-   embedding for `<loc_0>`..`<loc_999>` (tied to the output layer) start as smooth functions of their bin (a few
-   Gaussian bumps of the bin index on random directions, plus a little noise; see `location_embeddings`) instead of 1000
-   unrelated random vectors, so that neighbouring bins share what each of them learns.
+   two changes of initialization, the demo's stand-in for what pretraining gives Florence-2:
+   - the rows of the token embedding for `<loc_0>`..`<loc_999>` (tied to the output layer) start as smooth functions
+     of their bin (Gaussian bumps of the bin index on random directions, plus a little noise; see
+     `location_embeddings`) instead of 1000 unrelated random vectors, so that neighbouring bins share what each of
+     them learns;
+   - the position tables (the image's 2-D one, the text encoder's and decoder's) start as large as what they are
+     added to (DaViT features of spread about 1, token embeddings scaled by sqrt(d_model)), not at init_std's 0.06,
+     which is lost beside them: with it the decoder could not count the four coordinates of a box (it wrote two,
+     then the next label) and the image tokens barely said where they were.
 3. Training from that initialization, with the DocVQA demo's recipe for training from scratch (AdamW, the vision
    tower trained at a tenth of the learning rate, a larger Adam eps for the token embedding), and no caption stage:
    the boxes themselves teach the vision tower where things are.
@@ -38,6 +43,7 @@ TEST_PAGES = 64  # not used by the run: for `python -m training.evaluate` on pag
 DEMO_DATA, INITIAL_MODEL, BLIND_BASELINE = "demo-data", "initial-model", "blind-baseline.json"
 LOCATION_SPACING = 25  # bins between the centres of the location rows' bumps (25 bins: 5 px at 192)
 LOCATION_NOISE = 0.25  # the noise's share of a location row's scale
+IMAGE_POSITION_STD = 1.0  # the image's position table, added to DaViT features whose spread is about 1
 
 
 def detection_defaults(first) -> dict:
@@ -111,9 +117,14 @@ def demo_detection_model(processor, seed: int):
     assert last - first == 999, (first, last)
     embedding = model.language_model.shared.weight
     generator = torch.Generator().manual_seed(seed)
+    text = model.config.text
     with torch.no_grad():
-        embedding[first:last + 1] = location_embeddings(1000, embedding.shape[1], model.config.text.init_std,
-                                                        generator)
+        embedding[first:last + 1] = location_embeddings(1000, embedding.shape[1], text.init_std, generator)
+        # positions as large as what they are added to (init_std alone is lost beside them)
+        for table in (model.image_pos_embed.row_embeddings, model.image_pos_embed.column_embeddings):
+            table.weight.mul_(IMAGE_POSITION_STD / table.weight.std())
+        for part in (model.language_model.encoder, model.language_model.decoder):
+            part.embed_positions.weight.mul_(text.init_std * text.d_model ** 0.5 / part.embed_positions.weight.std())
     return model
 
 
