@@ -55,6 +55,7 @@ CATEGORIES = ("header", "title", "table", "stamp", "signature")
 SPLITS = ("train", "valid", "test")
 PAGE_SIZE = (600, 800)  # (width, height): a portrait page; the demo sees it at 192x192
 HEADER_SHARE = 0.6  # pages with a header band
+ROWS = 3  # rows of blocks below the header
 
 
 def make_page(seed: int, split: str, index: int) -> tuple[Image.Image, list[tuple[str, Box]]]:
@@ -74,37 +75,38 @@ def make_page(seed: int, split: str, index: int) -> tuple[Image.Image, list[tupl
         regions.append(("header", (0, 0, width, band)))
         top = band
     wanted = rng.sample(CATEGORIES[1:], rng.randint(2 - len(regions), len(CATEGORIES) - 1))
-    while (placed := place(rng, wanted, top, [r[1] for r in regions])) is None:
-        pass  # this draw left no room for one of them: draw again
     taken = [r[1] for r in regions]
-    for category, (x, y, w, h, params) in placed:
-        regions.append((category, DRAW[category][1](page, rng, (x, y), w, h, params)))
-        taken.append((x - 12, y - 12, x + w + 12, y + h + 12))
+    for category, (x, y, w, h) in place(rng, wanted, top):
+        sample, draw_region = DRAW[category]
+        rw, rh, params = sample(rng, w, h)
+        at = (x + rng.randint(0, w - rw), y + rng.randint(0, h - rh))
+        regions.append((category, draw_region(page, rng, at, rw, rh, params)))
+        taken.append((x, y, x + w, y + h))
     draw_filler(draw, rng, taken, top)
     regions.sort(key=lambda r: CATEGORIES.index(r[0]))
     return page, regions
 
 
-def place(rng: random.Random, wanted: list[str], top: int, taken: list[Box]) -> list | None:
-    """A size and a free place below `top` for each wanted region, the largest kind first so it finds room:
-    [(category, (x, y, width, height, params))], or None if one found no room in 50 tries."""
+def place(rng: random.Random, wanted: list[str], top: int) -> list[tuple[str, Box]]:
+    """The block of the page each wanted region goes in, as (x, y, width, height): below `top` the page is laid out
+    in ROWS x 2 blocks (a table or a title may take a whole row), as forms and reports are; the region is drawn
+    within its block at a random size and place."""
     width, height = PAGE_SIZE
-    taken, placed = list(taken), []
-    for category in ("table", "title", "stamp", "signature"):
-        if category not in wanted:
-            continue
-        for _ in range(50):
-            w, h, params = DRAW[category][0](rng)
-            if w > width - 40 or h > height - top - 40:
-                continue
-            x, y = rng.randint(20, width - 20 - w), rng.randint(top + 20, height - 20 - h)
-            margin = (x - 12, y - 12, x + w + 12, y + h + 12)
-            if not any(overlaps(margin, other) for other in taken):
-                placed.append((category, (x, y, w, h, params)))
-                taken.append(margin)
-                break
+    margin, gap = 20, 20
+    block_w, block_h = (width - 2 * margin - gap) // 2, (height - top - 2 * margin - (ROWS - 1) * gap) // ROWS
+    free = {(row, column) for row in range(ROWS) for column in range(2)}
+    placed = []
+    for category in rng.sample(wanted, len(wanted)):
+        rows = [row for row in range(ROWS) if {(row, 0), (row, 1)} <= free]
+        if category in ("table", "title") and rows and rng.random() < 0.5:
+            row = rng.choice(rows)
+            free -= {(row, 0), (row, 1)}
+            placed.append((category, (margin, top + margin + row * (block_h + gap), width - 2 * margin, block_h)))
         else:
-            return None
+            row, column = rng.choice(sorted(free))
+            free.discard((row, column))
+            placed.append((category, (margin + column * (block_w + gap), top + margin + row * (block_h + gap),
+                                      block_w, block_h)))
     return placed
 
 
@@ -112,13 +114,15 @@ def overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-# Each region has a sampler, rng -> (width, height, what else the drawing needs), and a drawer, which draws it at
-# `at` (its top left) within width x height and returns the box its ink covers.
-def sample_title(rng):
+# Each region has a sampler, (rng, block width, block height) -> (width, height, what else the drawing needs), at
+# most the block's size, and a drawer, which draws it at `at` (its top left) within width x height and returns the
+# box its ink covers.
+def sample_title(rng, w, h):
     word = rng.choice([t for titles in TITLES.values() for t in titles])
-    text_size = rng.randint(60, 100)
+    fits = min(110, int(font(100).size * min(w / font(100).getlength(word), h / 100)))
+    text_size = max(24, int(fits * rng.uniform(0.6, 1.0)))
     x1, y1, x2, y2 = font(text_size).getbbox(word, anchor="lt", stroke_width=1)
-    return x2 - x1, y2 - y1, (word, text_size)
+    return min(w, x2 - x1), min(h, y2 - y1), (word, text_size)
 
 
 def draw_title(page, rng, at, w, h, params):
@@ -130,9 +134,11 @@ def draw_title(page, rng, at, w, h, params):
     return draw.textbbox(xy, word, font=font(text_size), anchor="lt", stroke_width=1)
 
 
-def sample_table(rng):
-    columns, rows, row_height = rng.randint(3, 5), rng.randint(2, 6), rng.randint(24, 40)
-    return rng.randint(260, 560), (rows + 1) * row_height, (columns, rows, row_height)
+def sample_table(rng, w, h):
+    row_height = rng.randint(24, 40)
+    columns, rows = rng.randint(3, 5), rng.randint(2, max(2, min(6, h // row_height - 1)))
+    row_height = min(row_height, h // (rows + 1))
+    return int(w * rng.uniform(0.7, 1.0)), (rows + 1) * row_height, (columns, rows, row_height)
 
 
 def draw_table(page, rng, at, w, h, params):
@@ -161,8 +167,8 @@ def draw_table(page, rng, at, w, h, params):
     return x, y, x + w + 1, bottom + 1
 
 
-def sample_stamp(rng):
-    side = rng.randint(140, 210)
+def sample_stamp(rng, w, h):
+    side = int(min(w, h) * rng.uniform(0.6, 0.95))
     return side, side, None
 
 
@@ -195,9 +201,9 @@ def ink_box(layer: Image.Image, at: tuple[int, int]) -> Box:
     return at[0] + x1, at[1] + y1, at[0] + x2, at[1] + y2
 
 
-def sample_signature(rng):
-    w = rng.randint(200, 320)
-    return w, int(w * rng.uniform(0.3, 0.45)), None
+def sample_signature(rng, w, h):
+    width = int(w * rng.uniform(0.65, 0.95))
+    return width, min(h, int(width * rng.uniform(0.3, 0.45))), None
 
 
 def draw_signature(page, rng, at, w, h, params):
