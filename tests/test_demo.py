@@ -81,12 +81,12 @@ def test_location_embeddings_vary_smoothly_with_their_bin():
 def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     from pycocotools.coco import COCO
 
-    monkeypatch.setattr(demo_detection, "TRAIN_PAGES", 6)
+    monkeypatch.setattr(demo_detection, "TRAIN_PAGES", 12)
     monkeypatch.setattr(demo_detection, "VALID_PAGES", 2)
     monkeypatch.setattr(demo_detection, "TEST_PAGES", 1)
     out = tmp_path / "od"
     summary = finetune.main(["--preset", "demo", "--task", "<OD>", "--output-dir", str(out), "--batch-size", "3",
-                             "--max-steps", "4", "--num-workers", "0", "--max-new-tokens", "8", "--log-every", "1"])
+                             "--epochs", "1", "--max-steps", "4", "--num-workers", "0", "--max-new-tokens", "8", "--log-every", "1"])
     records = metrics(out)
     evals = [r for r in records if "eval_map50" in r]
     assert [r["step"] for r in evals] == [0, 4] and summary["steps"] == 4
@@ -96,7 +96,7 @@ def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys)
     assert "validation mAP, step 0 -> step 4:" in capsys.readouterr().out
 
     # the export is Roboflow's COCO layout, which pycocotools reads as it is
-    for split, pages in (("train", 6), ("valid", 2), ("test", 1)):
+    for split, pages in (("train", 12), ("valid", 2), ("test", 1)):
         coco = COCO(str(out / "demo-data" / split / "_annotations.coco.json"))
         assert len(coco.getImgIds()) == pages and [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(
             synthetic_detection.CATEGORIES)
