@@ -86,7 +86,8 @@ def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(demo_detection, "TEST_PAGES", 1)
     out = tmp_path / "od"
     summary = finetune.main(["--preset", "demo", "--task", "<OD>", "--output-dir", str(out), "--batch-size", "3",
-                             "--epochs", "1", "--max-steps", "4", "--num-workers", "0", "--max-new-tokens", "8", "--log-every", "1"])
+                             "--epochs", "1", "--max-steps", "4", "--num-workers", "0", "--max-new-tokens", "8",
+                             "--log-every", "1"])
     records = metrics(out)
     evals = [r for r in records if "eval_map50" in r]
     assert [r["step"] for r in evals] == [0, 4] and summary["steps"] == 4

@@ -4,13 +4,14 @@
                                                    [--seed 0]
 
 Each page is drawn with PIL (the typeface and the table, stamp and signature styles of training/synthetic.py) and
-holds 2-5 labelled regions, placed at random and never overlapping, among unlabelled lines of small print:
+holds 2-5 labelled regions among unlabelled lines of small print, each in a block of the page's layout (below the
+header, 3 rows of 2 blocks; a table or a title may take a whole row), at a random size and place within it:
 - `header`: a coloured band across the top of the page (on some pages), with the company's name in it;
 - `title`: one large word (INVOICE, REPORT, ...);
 - `table`: a ruled table with a dark header row and 2-6 zebra-shaded data rows;
 - `stamp`: a coloured ring or double box around a word (PAID, RECEIVED, ...), slightly rotated;
 - `signature`: a cursive scribble in dark ink.
-The regions are large on purpose (at the demo's 192x192 a stamp is still 30-60 pixels), and their positions and sizes
+The regions are large on purpose (at the demo's 192x192 a stamp is still 25-45 pixels), and their positions and sizes
 vary, so a model must find them in the image: the mean box of each category scores far lower (see
 `blind_predictions`).
 
