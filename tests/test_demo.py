@@ -5,10 +5,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from florence2 import Florence2
 from florence2.processor import Florence2Processor
-from training import demo
+from training import demo, demo_detection, finetune, synthetic_detection
 from training.docvqa import main, parse_args
 from training.synthetic import LEARNABLE, READING
 
@@ -60,3 +61,51 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (model.config.vision, model.config.text) == (demo.demo_config().vision, demo.demo_config().text)
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == evals[-1]["eval_examples"] > 0
+
+
+def test_detection_demo_preset_is_offline_and_reads_its_coco_export():
+    args = finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "runs/od"])
+    assert args.model == "demo" and args.dataset == str(Path("runs/od/demo-data")) and args.format == "auto"
+    assert args.train_vision and args.eval_before_training and args.num_beams == 1
+    assert finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--lr", "1e-6"]).lr == 1e-6
+
+
+def test_location_embeddings_vary_smoothly_with_their_bin():
+    rows = demo_detection.location_embeddings(1000, 192, 0.06, torch.Generator().manual_seed(0))
+    assert rows.shape == (1000, 192) and abs(rows.std().item() - 0.06) < 1e-3
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    neighbours, far = (unit[:-1] * unit[1:]).sum(1).mean(), (unit[:-500] * unit[500:]).sum(1).mean()
+    assert neighbours > 0.8 and abs(far) < 0.3
+
+
+def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    from pycocotools.coco import COCO
+
+    monkeypatch.setattr(demo_detection, "TRAIN_PAGES", 12)
+    monkeypatch.setattr(demo_detection, "VALID_PAGES", 2)
+    monkeypatch.setattr(demo_detection, "TEST_PAGES", 1)
+    out = tmp_path / "od"
+    summary = finetune.main(["--preset", "demo", "--task", "<OD>", "--output-dir", str(out), "--batch-size", "3",
+                             "--epochs", "1", "--max-steps", "4", "--num-workers", "0", "--max-new-tokens", "8",
+                             "--log-every", "1"])
+    records = metrics(out)
+    evals = [r for r in records if "eval_map50" in r]
+    assert [r["step"] for r in evals] == [0, 4] and summary["steps"] == 4
+    assert {"eval_map", "eval_map75"} <= set(evals[-1])
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    assert "validation mAP, step 0 -> step 4:" in capsys.readouterr().out
+
+    # the export is Roboflow's COCO layout, which pycocotools reads as it is
+    for split, pages in (("train", 12), ("valid", 2), ("test", 1)):
+        coco = COCO(str(out / "demo-data" / split / "_annotations.coco.json"))
+        assert len(coco.getImgIds()) == pages and [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(
+            synthetic_detection.CATEGORIES)
+        for image in coco.loadImgs(coco.getImgIds()):
+            assert (out / "demo-data" / split / image["file_name"]).is_file()
+            assert 2 <= len(coco.getAnnIds(imgIds=image["id"])) <= 5
+    baseline = json.loads((out / "blind-baseline.json").read_text())
+    assert 0 <= baseline["eval_map50"] <= 1
+    model = Florence2.from_pretrained(out / "best")
+    assert (model.config.vision, model.config.text) == (demo.demo_config().vision, demo.demo_config().text)
+    assert Florence2Processor.from_pretrained(out / "best").image_size == (demo.IMAGE_SIZE, demo.IMAGE_SIZE)

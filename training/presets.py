@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import demo
+from . import demo, demo_detection
 from .config import TrainConfig
 
 
@@ -32,4 +32,7 @@ PRESETS: dict[tuple[str, str], Preset] = {(p.name, p.task): p for p in (
     Preset("demo", "<DocVQA>", "offline run on synthetic documents with a small model, pretrained from scratch on "
            "captions of other synthetic pages, then fine-tuned, on the CPU in about ten minutes",
            demo.docvqa_defaults, demo.run_docvqa),
+    Preset("demo", "<OD>", "offline run: synthetic document pages with labelled regions (header, title, table, stamp, "
+           "signature) written as a COCO export, and a small model trained on them from scratch on the CPU",
+           demo_detection.detection_defaults, demo_detection.run_detection),
 )}
