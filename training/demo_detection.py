@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import demo, distributed
+from . import demo, distributed, metrics
 from . import synthetic_detection as pages
 from .config import TrainConfig
 from .trainer import fit
@@ -74,11 +74,9 @@ def run_detection(cfg: TrainConfig) -> dict:
             ensure_demo_pages(Path(cfg.dataset), seed=cfg.seed)
             blind_baseline(Path(cfg.dataset), cfg.output_dir / BLIND_BASELINE)
         if cfg.model == demo.DEMO_MODEL:
-            ensure_initial_model(initial, seed=cfg.seed)
+            demo.ensure_initial_model(initial, seed=cfg.seed, build=demo_detection_model)
     distributed.barrier(d)
     if cfg.model == demo.DEMO_MODEL:
-        from dataclasses import replace
-
         cfg = replace(cfg, model=str(initial))
     return fit(cfg)
 
@@ -94,10 +92,12 @@ def ensure_demo_pages(folder: Path, seed: int, log=print) -> Path:
 def blind_baseline(folder: Path, out: Path, log=print) -> dict:
     """Score the image-blind guess (each category's mean training box on every page) on the valid split."""
     train, valid = (json.loads((folder / split / "_annotations.coco.json").read_text()) for split in ("train", "valid"))
-    map_, map50 = pages.coco_map(valid, pages.blind_predictions(train, valid))
-    result = {"eval_map": map_, "eval_map50": map50, "what": "each category's mean training box on every valid page"}
+    found = metrics.coco_eval(valid, pages.blind_predictions(train, valid), "bbox")
+    result = {**{f"eval_{name}": value for name, value in found.items()},
+              "what": "each category's mean training box on every valid page"}
     out.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"image-blind baseline (each category's mean box) on the valid pages: mAP50 {map50:.3f}, mAP {map_:.3f}")
+    log(f"image-blind baseline (each category's mean box) on the valid pages: mAP50 {found['map50']:.3f}, "
+        f"mAP {found['map']:.3f}")
     return result
 
 
@@ -131,16 +131,3 @@ def demo_detection_model(processor, seed: int):
         for part in (model.language_model.encoder, model.language_model.decoder):
             part.embed_positions.weight.mul_(text.init_std * text.d_model ** 0.5 / part.embed_positions.weight.std())
     return model
-
-
-def ensure_initial_model(folder: Path, seed: int) -> Path:
-    """The demo model as initialized from `seed`, saved once (written aside, then renamed into place)."""
-    if (folder / "config.json").is_file():
-        return folder
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    processor = demo.demo_processor()
-    demo_detection_model(processor, seed=seed).save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder

@@ -299,25 +299,6 @@ def blind_predictions(train: dict, evaluated: dict) -> list[dict]:
     return results
 
 
-def coco_map(ground_truth: dict, results: list[dict]) -> tuple[float, float]:
-    """(mAP, mAP50) of COCO results against a COCO dictionary, with pycocotools."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = ground_truth
-        gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return float(evaluation.stats[0]), float(evaluation.stats[1])
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.synthetic_detection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
