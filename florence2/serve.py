@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -161,7 +162,7 @@ class Server:
             raise ValueError(f"max_batch_size must be >= 1 and max_wait_ms >= 0, got {max_batch_size} and "
                              f"{max_wait_ms}")
         self.model, self.processor, self.limits = model, processor, limits
-        self.batcher = Batcher(self._run, max_batch_size, max_wait_ms / 1000)
+        self.batcher = Batcher(self.run, max_batch_size, max_wait_ms / 1000)
         self.pool = concurrent.futures.ThreadPoolExecutor(PREPROCESS_THREADS, thread_name_prefix="preprocess")
 
     def check_request(self, task, text, options: dict, from_form: bool) -> tuple[str, str | None, dict]:
@@ -206,7 +207,8 @@ class Server:
         inputs = self.processor(text=task + (text or ""), images=image)
         return Job(task, image.size, inputs, options, key)
 
-    def _run(self, jobs: list[Job]) -> list[dict]:
+    def run(self, jobs: list[Job]) -> list[dict]:
+        """The answers of jobs that share their options, from one generate call."""
         return generate_answers(self.model, self.processor, collate([j.inputs for j in jobs]),
                                 [j.task for j in jobs], [j.image_size for j in jobs], **jobs[0].options)
 
@@ -224,7 +226,11 @@ class Batcher:
     """Gathers jobs with equal keys into batches: a batch runs when it is full, or when its oldest job has waited
     `max_wait` seconds (at once, if the model was busy meanwhile) and no request of the same key is still being
     decoded (a burst of requests arrives here one decoding after the other: they belong to one batch, so they are
-    waited for, up to DECODING_WAIT). Oldest first; one thread runs the model."""
+    waited for, up to DECODING_WAIT). Oldest first; the thread that calls `serve` runs the model, until `stop`.
+    The command gives it its main thread, the one that loaded the model: torch runs its kernels on an OpenMP team
+    of the calling thread, and a second team (a second thread running the model, or preprocessing threads running
+    large torch ops) makes libgomp stop spinning between parallel regions once it has more threads than cores:
+    generate then kept 2 cores only 85% busy and took 15% longer (base model, batch 8, 3 beams, 2 cores)."""
 
     DECODING_WAIT = 0.5  # seconds, at most, that a batch waits for the requests being decoded beyond max_wait
 
@@ -234,8 +240,7 @@ class Batcher:
         self._decoding: Counter = Counter()  # batch key -> requests accepted and not yet submitted
         self._ready = threading.Condition()
         self.served = {"requests": 0, "batches": 0}  # how the batching went, for /health
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self._thread.start()
+        self._stopped = False
 
     def expect(self, key) -> None:
         """A request of this key is being decoded: submit() or cancel() follows."""
@@ -259,9 +264,17 @@ class Batcher:
         if self._decoding[key] <= 0:
             del self._decoding[key]
 
-    def _next_batch(self) -> list[Job]:
+    def stop(self) -> None:
+        """`serve` returns once the batch it runs (if any) is answered."""
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
+
+    def _next_batch(self) -> list[Job] | None:
         with self._ready:
             while not self._pending:
+                if self._stopped:
+                    return None
                 self._ready.wait()
             first = self._pending[0]
             while True:
@@ -277,9 +290,9 @@ class Batcher:
             self._pending = [j for j in self._pending if id(j) not in taken]
             return batch
 
-    def _loop(self) -> None:
-        while True:
-            self._answer(self._next_batch())
+    def serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._answer(batch)
 
     def _answer(self, batch: list[Job]) -> None:
         try:
@@ -472,8 +485,25 @@ def main(argv=None) -> int:
     server = Server(model, default_processor(model), max_batch_size=args.max_batch_size,
                     max_wait_ms=args.max_wait_ms, limits=limits)
     warm_up(server)
-    uvicorn.run(create_app(server), host=args.host, port=args.port)
-    return 0
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port))
+
+    def answer_http() -> None:
+        try:
+            http.run()  # (in a thread, uvicorn leaves the signals to us)
+        finally:
+            server.batcher.stop()
+
+    def shut_down(signum, frame) -> None:  # as uvicorn does: finish what is asked, then stop; twice: at once
+        http.force_exit = http.should_exit
+        http.should_exit = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, shut_down)
+    thread = threading.Thread(target=answer_http, name="http")
+    thread.start()
+    server.batcher.serve()  # the model in the main thread (see Batcher)
+    thread.join()
+    return 0 if http.started else 1  # not started: uvicorn said why (the port is taken, ...)
 
 
 def warm_up(server: Server) -> None:
@@ -481,9 +511,7 @@ def warm_up(server: Server) -> None:
     blank = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(blank, format="PNG")
     task, text, options = server.check_request("<CAPTION>", None, {"max_new_tokens": 2}, from_form=False)
-    key = server.batch_key(options)
-    server.batcher.expect(key)
-    server.batcher.submit(server.prepare(blank.getvalue(), task, text, options, key)).result()
+    server.run([server.prepare(blank.getvalue(), task, text, options, server.batch_key(options))])
     print(f"florence2.serve: {server.health()['model']} ready", file=sys.stderr, flush=True)
 
 

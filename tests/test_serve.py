@@ -193,6 +193,8 @@ def test_the_batcher_gathers_a_burst_and_keeps_settings_apart():
         return [job.task for job in jobs]
 
     batcher = Batcher(run, max_batch_size=4, max_wait=0.01)
+    serving = threading.Thread(target=batcher.serve)
+    serving.start()
     # a burst: six requests accepted at once, decoded one after the other (30 ms each, longer than the wait)
     for _ in range(6):
         batcher.expect("greedy")
@@ -211,3 +213,31 @@ def test_the_batcher_gathers_a_burst_and_keeps_settings_apart():
     lone = batcher.submit(Job("alone", (1, 1), {}, {}, "greedy"))
     batcher.cancel("greedy")
     assert lone.result(5) == "alone" and batches[-1] == ["alone"]
+    batcher.stop()  # serve returns
+    serving.join(5)
+    assert not serving.is_alive()
+
+
+def test_sigterm_stops_the_server_cleanly_and_a_taken_port_is_one_error(model_dir, images, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    server = ServerProcess(model_dir, tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            assert post(c, images[0], "<OD>", options={"max_new_tokens": 4}).status_code == 200
+        # a second server on the same port: uvicorn's one-line reason and a non-zero exit, no traceback
+        taken = subprocess.run([sys.executable, "-m", "florence2.serve", "--model", str(model_dir), "--port",
+                                str(server.port), "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert taken.returncode == 1
+        assert "address already in use" in taken.stderr and "Traceback" not in taken.stderr
+        server.process.send_signal(signal.SIGTERM)  # the model runs in the main thread: the handler is ours
+        assert server.process.wait(timeout=20) == 0
+        assert "Shutting down" in server.log.read_text()
+    finally:
+        server.close()
