@@ -421,3 +421,33 @@ def test_no_transformers_import():
                     for alias in node.names}
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "transformers" not in imported, name
+
+
+def test_preprocessing_in_a_thread_starts_no_openmp_team():
+    """The server preprocesses in threads beside the model; a large torch op there would start an OpenMP team of
+    that thread's own, and libgomp, with more threads than cores, then stops spinning: the model ran 15% slower."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = """
+import os, threading
+from PIL import Image
+from florence2.processor import Florence2Processor
+processor, image = Florence2Processor(image_size=768), Image.new("RGB", (1024, 768), "white")
+threads = lambda: len(os.listdir("/proc/self/task"))
+before, during = threads(), []
+def prepare():
+    processor(text="<OD>", images=image)
+    during.append(threads())
+worker = threading.Thread(target=prepare)
+worker.start()
+worker.join()
+print(during[0] - before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]  # the thread itself, and no OpenMP worker beside it

@@ -86,15 +86,8 @@ class TrainConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-class Parser(argparse.ArgumentParser):
-    """A command-line mistake is one line (and exit status 2), not the usage of every option."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser(prog: str, description: str, task: str | None, presets: dict, required: bool = True):
-    p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                add_help=required)  # the first, lenient pass leaves --help to the real one
     p.add_argument("--task", default=task, required=required and task is None,
                    help="the task token: <OD>, <CAPTION>, <OCR_WITH_REGION>, ... or <DocVQA>, <VQA>, any prompt "

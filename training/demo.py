@@ -112,15 +112,15 @@ def run_docvqa(cfg: TrainConfig) -> dict:
     return fit(cfg)
 
 
-def ensure_initial_model(folder: Path, seed: int, build=None) -> Path:
-    """The demo model as initialized from `seed` (by `build(processor, seed)`, default `demo_model`), saved once
+def ensure_initial_model(folder: Path, seed: int, build=demo_model) -> Path:
+    """The demo model as initialized from `seed` by `build(processor, seed)`, saved once
     (written aside, then renamed into place)."""
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     processor = demo_processor()
-    (build or demo_model)(processor, seed=seed).save_pretrained(tmp)
+    build(processor, seed=seed).save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tmp.rename(folder)
     return folder

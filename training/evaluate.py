@@ -30,7 +30,6 @@ from florence2 import cli
 from florence2.model import shift_right
 
 from . import distributed
-from .config import Parser
 from .data import IGNORE_INDEX, TaskDataset, loader
 from .feature_cache import frozen_features
 from .formats import FORMATS, Columns, DataError, LazyCell
@@ -132,7 +131,7 @@ def shown(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ the command
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(prog="python -m training.evaluate", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local checkpoint folder")
     p.add_argument("--revision", default=None)
