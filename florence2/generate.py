@@ -138,12 +138,10 @@ class _Decoder:
     def __init__(self, model, encoder_out, encoder_mask, copies: int, max_length: int):
         self.model = model
         self.cache = model.language_model.new_cache(encoder_out, max_length)
-        for layer in self.cache:  # cross keys/values are per image: computed once, shared by the copies
-            layer.cross_k = layer.cross_k.repeat_interleave(copies, dim=0)
-            layer.cross_v = layer.cross_v.repeat_interleave(copies, dim=0)
+        for layer in self.cache:  # cross keys/values (and the encoder mask) stay one per image, shared by its copies
             layer.k = layer.k.repeat_interleave(copies, dim=0)
             layer.v = layer.v.repeat_interleave(copies, dim=0)
-        self.encoder_mask = None if encoder_mask is None else encoder_mask.repeat_interleave(copies, dim=0)
+        self.encoder_mask = encoder_mask
 
     def step(self, tokens: torch.Tensor, position: int, logits: bool = True) -> torch.Tensor | None:
         pos = torch.tensor([position], device=tokens.device)

@@ -68,10 +68,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                 causal: bool = False) -> torch.Tensor:
-        """x (B, T, D) attends to keys/values (B, H, S, D/H) -> (B, T, D)."""
-        q = self.heads(self.q_proj(x))
+        """x (B, T, D) attends to keys/values (B, H, S, D/H) -> (B, T, D).
+
+        Keys/values may also be shared: (B / c, H, S, D/H) for c consecutive rows of x each (the beams or returned
+        sequences of one image attending to its encoder output). Their queries are then stacked into one block of
+        c * T queries per key row, so the keys are read once instead of being copied c times; a mask is per key
+        row (broadcastable to (B / c, H, c * T, S)). Not with causal, whose diagonal is per sequence."""
+        q = self.heads(self.q_proj(x))  # (B, H, T, D/H)
+        B, H, T, Dh = q.shape
+        copies = B // k.shape[0]
+        if copies * k.shape[0] != B or (copies > 1 and causal):
+            raise ValueError(f"{B} query rows for {k.shape[0]} key rows{' (causal)' if causal else ''}: each key row "
+                             f"must serve the same number of consecutive query rows, without a causal mask")
+        if copies > 1:
+            q = q.view(B // copies, copies, H, T, Dh).transpose(1, 2).reshape(B // copies, H, copies * T, Dh)
         out = attention(q, k, v, mask=mask, causal=causal, dropout=self.dropout if self.training else 0.0,
                         backend=self.backend)
+        if copies > 1:
+            out = out.view(B // copies, H, copies, T, Dh).transpose(1, 2).reshape(B, H, T, Dh)
         return self.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
@@ -110,7 +124,7 @@ class LayerCache:
 
     k: torch.Tensor  # (B, H, T_max, D/H)
     v: torch.Tensor
-    cross_k: torch.Tensor  # (B, H, S, D/H)
+    cross_k: torch.Tensor  # (B, H, S, D/H), or one row per image shared by its copies (see Attention.forward)
     cross_v: torch.Tensor
 
 

@@ -181,3 +181,40 @@ def test_generate_under_bf16_autocast(model):
     fp32 = logits.log_softmax(-1).gather(-1, out.sequences[:, 1:, None])[..., 0]
     generated = out.sequences[:, 1:] != 1
     torch.testing.assert_close(out.scores[generated], fp32[generated], rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_copies_attend_to_shared_keys_as_to_repeated_ones(backend):
+    """Beams of an image read its cross keys/values once (one row per image) and get what the repeated rows give,
+    padding mask included; a ratio that does not divide, or a causal mask, is refused."""
+    from florence2.language import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, 0.0).eval()
+    attn.backend = backend
+    images, copies, keys = 2, 3, 7
+    x = torch.randn(images * copies, 2, 64)
+    k, v = torch.randn(2, images, 4, keys, 16).unbind(0)
+    mask = torch.ones(images, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., 5:] = False  # the second image's encoder output is padded
+    with torch.no_grad():
+        shared = attn(x, k, v, mask)
+        repeated = attn(x, k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0),
+                        mask.repeat_interleave(copies, 0))
+    torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="6 query rows for 4 key rows"):
+        attn(x, torch.randn(4, 4, keys, 16), torch.randn(4, 4, keys, 16))
+    with pytest.raises(ValueError, match=r"6 query rows for 2 key rows \(causal\)"):
+        attn(x, k, v, causal=True)
+
+
+def test_beam_search_keeps_one_cross_cache_row_per_image(model):
+    from florence2.generate import _Decoder
+
+    ref = load_case("case1")
+    with torch.no_grad():
+        encoder_out, mask = model.encode(ref["input_ids"], None, ref["pixel_values"])
+    decoder = _Decoder(model, encoder_out, mask, copies=3, max_length=8)
+    batch = encoder_out.shape[0]
+    assert all(layer.cross_k.shape[0] == layer.cross_v.shape[0] == batch for layer in decoder.cache)
+    assert all(layer.k.shape[0] == layer.v.shape[0] == 3 * batch for layer in decoder.cache)
