@@ -137,11 +137,8 @@ class _Decoder:
 
     def __init__(self, model, encoder_out, encoder_mask, copies: int, max_length: int):
         self.model = model
-        self.cache = model.language_model.new_cache(encoder_out, max_length)
-        for layer in self.cache:  # cross keys/values (and the encoder mask) stay one per image, shared by its copies
-            layer.k = layer.k.repeat_interleave(copies, dim=0)
-            layer.v = layer.v.repeat_interleave(copies, dim=0)
-        self.encoder_mask = encoder_mask
+        self.cache = model.language_model.new_cache(encoder_out, max_length, copies)
+        self.encoder_mask = encoder_mask  # one row per image, like the cross keys/values
 
     def step(self, tokens: torch.Tensor, position: int, logits: bool = True) -> torch.Tensor | None:
         pos = torch.tensor([position], device=tokens.device)

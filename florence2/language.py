@@ -234,11 +234,12 @@ class LanguageModel(nn.Module):
         head = kernels.few_rows_linear if "few_rows_linear" in self.active_kernels else F.linear
         return (head(h, self.shared.weight) + self.final_logits_bias).float()
 
-    def new_cache(self, encoder_out: torch.Tensor, max_length: int) -> list[LayerCache]:
-        """Empty self-attention buffers of `max_length` positions and the cross keys/values of `encoder_out`.
-        The buffers take the dtype of the projected keys: under autocast that is the autocast dtype (bf16), while
-        `encoder_out`, a LayerNorm's output, stays float32."""
-        B = encoder_out.shape[0]
+    def new_cache(self, encoder_out: torch.Tensor, max_length: int, copies: int = 1) -> list[LayerCache]:
+        """Empty self-attention buffers of `max_length` positions for `copies` sequences per image (beams, returned
+        sequences), and the cross keys/values of `encoder_out`, one row per image, which its copies share (see
+        Attention.forward). The buffers take the dtype of the projected keys: under autocast that is the autocast
+        dtype (bf16), while `encoder_out`, a LayerNorm's output, stays float32."""
+        B = encoder_out.shape[0] * copies
         cache = []
         for layer in self.decoder.layers:
             attn = layer.self_attn
