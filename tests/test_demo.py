@@ -27,6 +27,9 @@ def test_demo_preset_is_offline_and_explicit_flags_win():
     # a flag given explicitly wins even when it equals the parser's own default (the preset's defaults are replaced)
     args = parse_args(["--preset", "demo", "--output-dir", "d", "--lr", "1e-6", "--epochs", "7", "--num-beams", "3"])
     assert (args.lr, args.epochs, args.num_beams, args.batch_size) == (1e-6, 7, 3, 16)
+    # so does a switch the preset turns on, turned off (and the tower's learning rate goes with the tower)
+    args = parse_args(["--preset", "demo", "--output-dir", "d", "--no-train-vision", "--no-eval-before-training"])
+    assert not args.train_vision and args.vision_lr is None and not args.eval_before_training
 
 
 def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
@@ -68,6 +71,8 @@ def test_detection_demo_preset_is_offline_and_reads_its_coco_export():
     assert args.model == "demo" and args.dataset == str(Path("runs/od/demo-data")) and args.format == "auto"
     assert args.train_vision and args.eval_before_training and args.num_beams == 1
     assert finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--lr", "1e-6"]).lr == 1e-6
+    args = finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--no-train-vision"])
+    assert not args.train_vision and args.vision_lr is None
 
 
 def test_location_embeddings_vary_smoothly_with_their_bin():

@@ -99,10 +99,11 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
     g = p.add_argument_group("model")
     g.add_argument("--model", default="microsoft/Florence-2-base-ft", help="hub id or local checkpoint folder")
     g.add_argument("--revision", default=None, help="hub revision of --model")
-    g.add_argument("--train-vision", action="store_true",
+    g.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the vision tower (default: frozen for real, as the blog intended)")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the weights (needs peft); "
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations to save memory")
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False, help="train LoRA adapters instead of the weights (needs peft); "
                    "checkpoints hold the merged weights")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=8.0)
@@ -139,7 +140,7 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
                    help="truncate targets (default: the task's, 256 for questions, else 1024; at most the decoder's "
                         "positions)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    g.add_argument("--group-by-length", action="store_true",
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                    help="batch examples of similar prompt+target length together, to cut padding")
     g.add_argument("--on-bad-example", choices=["skip", "fail"], default="skip",
                    help="a bad annotation or image: skip and count it, or stop with its file and line or id")
@@ -173,7 +174,8 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only each epoch)")
     g.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples only")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
-    g.add_argument("--eval-before-training", action="store_true", help="evaluate once at step 0")
+    g.add_argument("--eval-before-training", action=argparse.BooleanOptionalAction, default=False,
+                   help="evaluate once at step 0")
     g.add_argument("--num-beams", type=int, default=3, help="beams of the evaluation's generations")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length limit of the evaluation's generations (default: the task's, 64 for questions, "
@@ -191,7 +193,11 @@ def parse_config(argv, *, prog: str, description: str, presets: dict, task: str 
                  preset: str | None = None) -> TrainConfig:
     """The configuration of `argv`: the parser's defaults, then the preset's (`presets[(name, task)].defaults` of
     what the command line asks for), then the command line."""
-    first, _ = build_parser(prog, description, task, presets, required=False).parse_known_args(argv)
+    lenient = build_parser(prog, description, task, presets, required=False)
+    # a switch not on the command line is None here, so that a preset can tell it from --no-<switch>
+    lenient.set_defaults(**{action.dest: None for action in lenient._actions
+                            if isinstance(action, argparse.BooleanOptionalAction)})
+    first, _ = lenient.parse_known_args(argv)
     parser = build_parser(prog, description, task, presets)
     name = first.preset or preset
     if (name, first.task) not in presets:

@@ -83,9 +83,11 @@ def ensure_demo_data(folder: Path, seed: int, captions: bool = False, log=print)
 def docvqa_defaults(first) -> dict:
     """The preset: a small Florence-2 on synthetic documents, trained from scratch (see the module's docstring)."""
     defaults = {"model": DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "epochs": 3, "batch_size": 16,
-                "optimizer": "adamw", "lr": 1e-3, "vision_lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 20,
+                "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
                 "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5,
-                "num_workers": 2, "train_vision": True, "feature_cache": "none"}
+                "num_workers": 2, "feature_cache": "none"}
+    if first.train_vision is not False:  # the tower trains unless the command line says --no-train-vision
+        defaults.update(train_vision=True, vision_lr=1e-4)
     if first.optimizer == "adamw":  # an AdamW setting: not for --optimizer sgd
         defaults["embedding_eps"] = 3e-4
     return defaults

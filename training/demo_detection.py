@@ -55,10 +55,11 @@ def detection_defaults(first) -> dict:
     """The preset: the small model on synthetic document regions, trained from scratch (see the module's
     docstring)."""
     defaults = {"model": demo.DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "format": "auto",
-                "epochs": 1, "eval_every": 100, "batch_size": 16, "optimizer": "adamw", "lr": 2e-3, "vision_lr": 3e-4,
+                "epochs": 1, "eval_every": 100, "batch_size": 16, "optimizer": "adamw", "lr": 2e-3,
                 "weight_decay": 0.0, "warmup_steps": 20, "eval_before_training": True, "num_beams": 1,
-                "max_new_tokens": 32, "log_every": 5, "num_workers": 2, "train_vision": True,
-                "feature_cache": "none"}
+                "max_new_tokens": 32, "log_every": 5, "num_workers": 2, "feature_cache": "none"}
+    if first.train_vision is not False:  # the tower trains unless the command line says --no-train-vision
+        defaults.update(train_vision=True, vision_lr=3e-4)
     if first.optimizer == "adamw":
         defaults["embedding_eps"] = 3e-4
     return defaults

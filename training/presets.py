@@ -3,7 +3,8 @@ wins), with an optional orchestration of the run (the offline demos pretrain bef
 
 A preset is keyed by (name, task): `--preset demo --task "<DocVQA>"` and `--preset demo --task "<OD>"` are two
 presets. To add one, add a `Preset` to PRESETS: `defaults(first)` returns the flags' new defaults, given what the
-command line asks for (`first`: its flags over the parser's defaults, e.g. first.output_dir, first.optimizer);
+command line asks for (`first`: its flags over the parser's defaults, e.g. first.output_dir, first.optimizer; a
+switch not given is None there, to tell it from its `--no-` form);
 `run(config)` runs it (default: the trainer's `fit`).
 """
 
