@@ -103,7 +103,8 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
                    help="also train the vision tower (default: frozen for real, as the blog intended)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations to save memory")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False, help="train LoRA adapters instead of the weights (needs peft); "
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="train LoRA adapters instead of the weights (needs peft); "
                    "checkpoints hold the merged weights")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=8.0)
