@@ -69,6 +69,28 @@ def test_frozen_vision_tower_gets_no_gradient_and_stays_identical(tiny_model_dir
     assert not torch.equal(before.language_model.shared.weight, after.language_model.shared.weight)
 
 
+def test_frozen_text_encoder_stays_identical_while_the_tower_below_it_trains(tiny_model_dir, dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, dataset_dir, out, "--max-steps", "2", "--train-vision", "--no-train-text-encoder")
+    before = Florence2.from_pretrained(tiny_model_dir)
+    after = Florence2.from_pretrained(out / "checkpoints" / "step-00000002")
+    encoder = before.language_model.encoder.state_dict()
+    for name, tensor in after.language_model.encoder.state_dict().items():
+        assert torch.equal(encoder[name], tensor), name
+    # the gradient goes through the frozen encoder to the image tokens and the tower, and the decoder trains
+    assert not torch.equal(before.vision_tower.state_dict()["convs.0.conv.weight"],
+                           after.vision_tower.state_dict()["convs.0.conv.weight"])
+    assert not torch.equal(before.image_projection.weight, after.image_projection.weight)
+    assert not torch.equal(before.language_model.decoder.layers[0].fc1.weight,
+                           after.language_model.decoder.layers[0].fc1.weight)
+
+
+def test_frozen_text_encoder_is_refused_with_lora(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--output-dir", "x", "--lora", "--no-train-text-encoder"])
+    assert stopped.value.code == 2 and "--no-train-text-encoder is for full fine-tuning" in capsys.readouterr().err
+
+
 def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny_model_dir):
     torch.manual_seed(0)
     model = Florence2.from_pretrained(tiny_model_dir)

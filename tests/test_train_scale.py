@@ -38,11 +38,15 @@ def final_weights(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir, small_dataset_dir, tmp_path,
-                                                          strategy):
+@pytest.mark.parametrize(("strategy", "vision"), [
+    ("ddp", []),
     # FSDP shards a trained tower block by block (a frozen one stays whole: the detection test below has it)
-    vision = ["--train-vision"] if strategy == "fsdp" else []
+    ("fsdp", ["--train-vision"]),
+    # the detection demo's: a trained tower below a frozen text encoder (its layers sharded, nothing to reduce)
+    ("fsdp", ["--train-vision", "--no-train-text-encoder"]),
+], ids=["ddp", "fsdp", "fsdp-frozen-text-encoder"])
+def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir, small_dataset_dir, tmp_path,
+                                                          strategy, vision):
     one = torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "one", *vision), tmp_path / "one")
     two = torchrun(2, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "two", "--batch-size", "2",
                                  "--strategy", strategy, *vision), tmp_path / "two")

@@ -27,6 +27,7 @@ class TrainConfig:
     model: str
     revision: str | None
     train_vision: bool
+    train_text_encoder: bool
     gradient_checkpointing: bool
     lora: bool
     lora_rank: int
@@ -101,6 +102,9 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
     g.add_argument("--revision", default=None, help="hub revision of --model")
     g.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the vision tower (default: frozen for real, as the blog intended)")
+    g.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the language model's encoder, over the image tokens and the prompt (default); "
+                        "--no-train-text-encoder freezes it (requires_grad False, eval mode)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations to save memory")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
@@ -217,6 +221,9 @@ def parse_config(argv, *, prog: str, description: str, presets: dict, task: str 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.feature_cache != "none" and args.train_vision:
         parser.error("--feature-cache needs a frozen vision tower (drop --train-vision)")
+    if args.lora and not args.train_text_encoder:
+        parser.error("--no-train-text-encoder is for full fine-tuning: with --lora the weights are frozen already "
+                     "and the adapters go on the encoder's layers too")
     if args.vision_lr is not None and not args.train_vision:
         parser.error("--vision-lr needs --train-vision (the vision tower is frozen otherwise)")
     if args.embedding_eps is not None and args.optimizer != "adamw":

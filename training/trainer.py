@@ -160,6 +160,8 @@ def prepare(run: Run) -> None:
         module.set_gradient_checkpointing(True)
     if not cfg.train_vision:
         module.vision_tower.requires_grad_(False)
+    if not cfg.train_text_encoder:
+        module.language_model.encoder.requires_grad_(False)
     if cfg.lora:
         from .lora import add_lora, load_adapter
 
@@ -175,7 +177,8 @@ def prepare(run: Run) -> None:
     if cfg.feature_cache != "none":
         run.cache = FeatureCache(cfg.output_dir / "feature-cache" if cfg.feature_cache == "disk" else None)
     say(run, f"parameters: {trainable:,} trainable of {total:,} total "
-             f"(vision tower {'trained' if cfg.train_vision else 'frozen'})")
+             f"(vision tower {'trained' if cfg.train_vision else 'frozen'}"
+             f"{'' if cfg.train_text_encoder else ', text encoder frozen'})")
     run.lengths = run.train_set.text_lengths() if cfg.group_by_length else None
     run.global_batch = cfg.batch_size * run.dist.world_size * cfg.grad_accum
     say(run, f"data: {len(run.train_set)} training and {len(run.eval_set)} evaluation examples of {task.token} "
@@ -255,6 +258,8 @@ def train_step(run: Run, micro: list) -> float:
     run.model.train()
     if not cfg.train_vision:
         run.module.vision_tower.eval()  # frozen means deterministic too: no stochastic depth
+    if not cfg.train_text_encoder:
+        run.module.language_model.encoder.eval()  # and no dropout
     count_bad(run, micro)
     tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
     total_tokens = distributed.all_reduce_sum(torch.tensor(float(tokens), device=run.device), run.dist)
