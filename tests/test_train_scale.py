@@ -38,7 +38,7 @@ def final_weights(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "vision"), [
+@pytest.mark.parametrize(("strategy", "switches"), [
     ("ddp", []),
     # FSDP shards a trained tower block by block (a frozen one stays whole: the detection test below has it)
     ("fsdp", ["--train-vision"]),
@@ -46,10 +46,11 @@ def final_weights(out):
     ("fsdp", ["--train-vision", "--no-train-text-encoder"]),
 ], ids=["ddp", "fsdp", "fsdp-frozen-text-encoder"])
 def test_two_processes_equal_one_with_the_same_global_batch(no_dropout_model_dir, small_dataset_dir, tmp_path,
-                                                          strategy, vision):
-    one = torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "one", *vision), tmp_path / "one")
+                                                          strategy, switches):
+    one = torchrun(1, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "one", *switches),
+                   tmp_path / "one")
     two = torchrun(2, train_args(no_dropout_model_dir, small_dataset_dir, tmp_path / "two", "--batch-size", "2",
-                                 "--strategy", strategy, *vision), tmp_path / "two")
+                                 "--strategy", strategy, *switches), tmp_path / "two")
     losses_one, losses_two = train_losses(one), train_losses(two)
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two]
     for (_, a), (_, b) in zip(losses_one, losses_two):
