@@ -26,6 +26,8 @@ Everything is a function of (seed, split, page index), and each split draws from
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
 import random
@@ -244,21 +246,30 @@ def draw_filler(draw: ImageDraw.ImageDraw, rng: random.Random, taken: list[Box],
 
 # ------------------------------------------------------------------------------------------ COCO export, CLI
 def coco_split(folder: Path, seed: int, split: str, pages: int) -> dict:
-    """Draw a split's pages into `folder` and return its COCO dictionary."""
+    """Draw a split's pages into `folder` and return its COCO dictionary. The pages are drawn in a process per core:
+    each is a function of (seed, split, index) alone, so the export is the same with any number of them."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = {name: i + 1 for i, name in enumerate(CATEGORIES)}
     images, annotations = [], []
-    for index in range(pages):
-        image, regions = make_page(seed, split, index)
-        name = f"{split}-{index:05d}.png"
-        image.save(folder / name)
-        images.append({"id": index + 1, "file_name": name, "width": image.width, "height": image.height})
+    draw = functools.partial(draw_page_file, folder, seed, split)
+    with concurrent.futures.ProcessPoolExecutor() as pool:  # a process per core
+        drawn = list(pool.map(draw, range(pages), chunksize=64))
+    for index, (name, (width, height), regions) in enumerate(drawn):
+        images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
         for category, (x1, y1, x2, y2) in regions:
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": ids[category],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     return {"info": {"description": f"synthetic document regions, seed {seed}, split {split}"},
             "images": images, "annotations": annotations,
             "categories": [{"id": i, "name": name, "supercategory": "document"} for name, i in ids.items()]}
+
+
+def draw_page_file(folder: Path, seed: int, split: str, index: int) -> tuple[str, tuple[int, int], list]:
+    """Draw page `index` of a split into `folder`: its file name, size and regions."""
+    image, regions = make_page(seed, split, index)
+    name = f"{split}-{index:05d}.png"
+    image.save(folder / name)
+    return name, image.size, regions
 
 
 def write_coco(out_dir: str | Path, counts: dict[str, int], seed: int) -> Path:
