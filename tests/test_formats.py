@@ -54,7 +54,7 @@ def test_box_formats_read_the_same_objects(written, splits, fmt):
             assert got == want
         assert not data.problems
     coco = load_split(str(written["coco"]), "train")
-    assert coco.categories == {0: "documents", 1: "stamp", 2: "signature"}  # Roboflow's ids, kept
+    assert coco.categories == {1: "stamp", 2: "signature"}  # Roboflow's ids, kept; its superclass 0 is no class
     assert coco.samples[0].regions[0].polygons  # the segmentation polygon is read too
 
 

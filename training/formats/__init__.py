@@ -6,8 +6,9 @@
            beside its images), or one file per split (train.jsonl)
     yolo   ultralytics: data.yaml (names, train/val/test folders or lists), images/ and labels/ with "class cx cy w h"
            (or "class x1 y1 x2 y2 ..." polygons) normalized to 0..1
-    hf     Hugging Face datasets: a hub id, a save_to_disk folder, parquet files; detection (an `objects` column with
-           `bbox` xywh and `category`, as cppe-5), captions, OCR text, and the QA shapes of DocumentVQA and The Cauldron
+    hf     Hugging Face datasets: a hub id, a save_to_disk folder, parquet files, an imagefolder with metadata.jsonl;
+           detection (an `objects` column with `bbox` xywh and `category`, as cppe-5), captions, OCR text, and the QA
+           shapes of DocumentVQA and The Cauldron
 
 `--format auto` tells them apart by their files (`detect_format`). A split may be asked by any of its usual names
 ("validation", "valid", "val"); a missing one is an error that lists the splits found.
@@ -120,6 +121,43 @@ def clipped_box(x1: float, y1: float, x2: float, y2: float, size: tuple[int, int
     return float(x1), float(y1), float(x2), float(y2)
 
 
+class BoxConvention:
+    """Whether a split's [x, y, width, height] boxes in pixels are something else under the same name: corners
+    [x1, y1, x2, y2] (some hub datasets store them so as `bbox`; cppe-5 and COCO store xywh) or fractions of the
+    image. Read as pixel widths they make boxes that are clipped into garbage (or specks in the corner) without a
+    word; so the split is refused, saying how to convert it, when many boxes run past the image as xywh while every
+    box, read as corners, lies inside it, or when no coordinate of any box exceeds 1."""
+
+    def __init__(self):
+        self.count, self.past, self.fit, self.largest, self.first = 0, 0, True, 0.0, None
+
+    def add(self, bbox, size: tuple[int, int], where: str) -> None:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+            return
+        x, y, a, b = bbox
+        width, height = size
+        slack_x, slack_y = max(1.0, width / 100), max(1.0, height / 100)  # annotators' slop past the edge
+        self.count += 1
+        self.largest = max(self.largest, *map(abs, bbox))
+        if x + a > width + slack_x or y + b > height + slack_y:
+            self.past += 1
+            self.first = self.first or f"{where}: {list(bbox)} in the {width}x{height} image"
+        self.fit = self.fit and x < a <= width + slack_x and y < b <= height + slack_y
+
+    def check(self, what: str) -> None:
+        """`what` names the boxes: "data/train.json: the annotations' bbox"."""
+        if self.past and self.fit and self.past * 4 >= self.count:
+            raise DataError(
+                f"{what} look like corners [x1, y1, x2, y2], not [x, y, width, height] in pixels (COCO's convention, "
+                f"which this reader reads): as widths and heights, {self.past} of {self.count} boxes run past the "
+                f"image ({self.first}), while as corners every box lies inside it. Convert each box to [x1, y1, "
+                "x2 - x1, y2 - y1] first")
+        if self.count and self.largest <= 1.0:
+            raise DataError(
+                f"{what} look normalized (no coordinate of the {self.count} boxes exceeds 1), not [x, y, width, "
+                "height] in pixels: multiply x and width by the image's width, y and height by its height first")
+
+
 def clipped_polygon(points, size: tuple[int, int]) -> tuple[float, ...] | None:
     """A flat x, y, ... polygon clipped to the image; None when it has fewer than three points."""
     if len(points) < 6 or len(points) % 2 or not all(isinstance(v, (int, float)) for v in points):
@@ -166,7 +204,7 @@ def detect_format(source: str) -> str:
         raise DataError(f"{source}: cannot tell its format from the suffix {path.suffix!r}; pass --format")
     from . import coco, jsonl, yolo
 
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() or imagefolder(path):
         return "hf"
     if yolo.find_yaml(path, required=False) is not None:
         return "yolo"
@@ -179,6 +217,17 @@ def detect_format(source: str) -> str:
     found = sorted(p.name for p in path.iterdir())[:10]
     raise DataError(f"{source}: cannot tell the format of this folder (it holds {found}); pass --format "
                     f"{'|'.join(FORMATS)}")
+
+
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def imagefolder(path: Path) -> bool:
+    """A datasets imagefolder: images with a metadata file (metadata.jsonl ..., with `file_name`) in the folder or
+    in its split folders; `datasets.load_dataset(folder)` reads it. (Not a JSONL export: its lines name an image by
+    `file_name`, not `image`.)"""
+    return any((folder / name).is_file() for folder in (path, *(p for p in path.iterdir() if p.is_dir()))
+               for name in IMAGEFOLDER_METADATA)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """Hugging Face datasets: a hub id, a `save_to_disk` folder, a parquet/arrow/csv file or a folder of data files.
 
 The shapes understood, by their columns:
-- detection: `image` and `objects` holding `bbox` ([x, y, width, height] in pixels, COCO's convention) and
-  `category` (or `label`, `category_id`: ClassLabel ids, or names), optionally `width`/`height` and `image_id`
-  columns (cppe-5's layout);
+- detection: `image` and `objects` holding `bbox` (or `bboxes`, `boxes`: [x, y, width, height] in pixels, COCO's
+  convention) and `category` (or `categories`, `label`, `category_id`: ClassLabel ids, names, or plain numbers),
+  optionally `width`/`height` and `image_id` columns (cppe-5's layout; an imagefolder with a metadata.jsonl of
+  `objects` {bbox, categories}, as the datasets documentation writes it). Boxes that are corners [x1, y1, x2, y2]
+  instead (some hub datasets store them so, under the same name) or fractions of the image are recognized and
+  refused with an error saying how to convert them, rather than read as pixel widths into garbage
+  (`BoxConvention`);
 - DocumentVQA (HuggingFaceM4/DocumentVQA): one question per row, `question`, `answers` (a list), `image`,
   optionally `question_types` (renamed with --question-column etc.);
 - The Cauldron (HuggingFaceM4/the_cauldron): `images` (a list) and `texts` ({user, assistant} turns), one question
@@ -18,9 +22,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Columns, DataError, LazyCell, Problems, Question, Region, Sample, Split, clipped_box, split_names
+from . import (
+    BoxConvention,
+    Columns,
+    DataError,
+    LazyCell,
+    Problems,
+    Question,
+    Region,
+    Sample,
+    Split,
+    clipped_box,
+    split_names,
+)
 
-CATEGORY_KEYS = ("category", "label", "category_id")  # of an object, in cppe-5's layout and its look-alikes
+# An object's category and box, by the names datasets give them: cppe-5 (category, bbox), an imagefolder's
+# metadata.jsonl (categories, bbox, as in the datasets documentation), and look-alikes.
+CATEGORY_KEYS = ("category", "categories", "label", "labels", "category_id", "class")
+BOX_KEYS = ("bbox", "bboxes", "boxes", "box")
 
 
 def load_table(source: str, split: str, config: str | None = None, revision: str | None = None):
@@ -142,45 +161,52 @@ def text_samples(table, image_column: str, source: str) -> list[Sample]:
     return samples
 
 
-def detection_samples(table, image_column: str, source: str, problems: Problems) -> tuple[list[Sample], dict]:
-    import io
-
-    from PIL import Image
-
-    feature = table.features["objects"]
+def object_keys(feature, source: str) -> tuple[str, str, list[str] | None]:
+    """The keys of an object's box and category, and the category names (a ClassLabel's; None when the categories
+    are plain numbers or names). A layout without either key is one error listing the keys it has, not every
+    object skipped."""
     feature = getattr(feature, "feature", feature)  # Sequence({...}) or List({...}) or {...}
     feature = feature[0] if isinstance(feature, list) else feature
-    category_feature = next((feature[k] for k in CATEGORY_KEYS if k in feature), None) if isinstance(
-        feature, dict) else None
-    category_feature = getattr(category_feature, "feature", category_feature)
-    label_names = list(getattr(category_feature, "names", None) or [])
-    categories = dict(enumerate(label_names))
+    keys = list(feature) if isinstance(feature, dict) else []
+    box_key = next((k for k in BOX_KEYS if k in keys), None)
+    category_key = next((k for k in CATEGORY_KEYS if k in keys), None)
+    if box_key is None or category_key is None:
+        raise DataError(f"{source}: the 'objects' column needs a box ({' or '.join(BOX_KEYS)}: [x, y, width, "
+                        f"height] in pixels) and a category ({' or '.join(CATEGORY_KEYS)}); its objects have "
+                        f"{keys or type(feature).__name__}")
+    category_feature = feature[category_key]
+    category_feature = getattr(category_feature, "feature", category_feature)  # Sequence(ClassLabel) in a dict
+    names = getattr(category_feature, "names", None)
+    return box_key, category_key, list(names) if names else None
+
+
+def detection_samples(table, image_column: str, source: str, problems: Problems) -> tuple[list[Sample], dict]:
+    """One sample per row, its objects' boxes read as COCO's [x, y, width, height] in pixels (cppe-5's and the
+    Hugging Face detection guide's convention). Categories are ClassLabel ids (named by the ClassLabel), names, or
+    plain numbers without names (an imagefolder's metadata.jsonl), which are named by their number."""
+    box_key, category_key, label_names = object_keys(table.features["objects"], source)
+    categories = dict(enumerate(label_names or []))
     cells = undecoded(table, image_column)
     names = set(table.column_names)
     sizes = list(zip(table["width"], table["height"])) if {"width", "height"} <= names else None
     ids = table["image_id"] if "image_id" in names else None
-    samples = []
+    samples, convention = [], BoxConvention()
     for row, objects in enumerate(table["objects"]):
         image_id = ids[row] if ids is not None else row
         where = f"{source}, row {row}"
         cell = LazyCell(cells, row, image_column)
-        if sizes is not None:
-            size = tuple(int(v) for v in sizes[row])
-        else:
-            stored = cell.get()
-            try:
-                data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
-                size = Image.open(io.BytesIO(data)).size
-            except (OSError, TypeError, KeyError) as e:
-                problems.add(where, f"cannot read the image ({e})")
+        size = sizes[row] if sizes is not None else None
+        if not (size and all(isinstance(v, int) and v > 0 for v in size)):
+            size = stored_size(cell.get())
+            if isinstance(size, str):
+                problems.add(where, size)
                 continue
-        sample = Sample(cell, image_id, where, size)
+        sample = Sample(cell, image_id, where, tuple(size))
         if isinstance(objects, dict):  # Sequence({...}) gives a dict of lists
             objects = [dict(zip(objects, values)) for values in zip(*objects.values())]
         for number, obj in enumerate(objects or []):
-            category = next((obj[k] for k in CATEGORY_KEYS if k in obj), None)
-            name = label_names[category] if isinstance(category, int) and 0 <= category < len(label_names) else (
-                category if isinstance(category, str) else None)
+            category = obj.get(category_key)
+            name = category_name(category, label_names, categories)
             if name is None:
                 problems.add(f"{where}, object {number}", f"unknown category {category!r}")
                 continue
@@ -189,12 +215,45 @@ def detection_samples(table, image_column: str, source: str, problems: Problems)
                 if category is None:
                     category = len(categories)
                     categories[category] = name
-            bbox = obj.get("bbox")
-            box = (clipped_box(bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3], size)
-                   if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else f"bbox {bbox!r} is not [x, y, w, h]")
+            bbox = obj.get(box_key)
+            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+                problems.add(f"{where}, object {number}", f"{box_key} {bbox!r} is not [x, y, w, h]")
+                continue
+            convention.add(bbox, sample.size, f"{where}, object {number}")
+            box = clipped_box(bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3], sample.size)
             if isinstance(box, str):
                 problems.add(f"{where}, object {number}", box)
                 continue
             sample.regions.append(Region(box, name, category))
         samples.append(sample)
+    convention.check(f"{source}: the objects' {box_key!r}")
     return samples, categories
+
+
+def category_name(category, label_names: list[str] | None, categories: dict) -> str | None:
+    """An object's category name: its ClassLabel's name, the name itself, or (without ClassLabel names) its
+    number; None when it is none of these (a ClassLabel id out of range, -1, None)."""
+    if isinstance(category, str):
+        return category if category.strip() else None
+    if not isinstance(category, int) or isinstance(category, bool):
+        return None
+    if label_names is not None:
+        return label_names[category] if 0 <= category < len(label_names) else None
+    return categories.setdefault(category, str(category))
+
+
+def stored_size(stored) -> tuple[int, int] | str:
+    """(width, height) of an undecoded image cell ({bytes, path}), or why it cannot be read."""
+    import io
+
+    from PIL import Image
+
+    if not isinstance(stored, dict) or (stored.get("bytes") is None and not stored.get("path")):
+        return "no image in this row"
+    try:
+        data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except OSError as e:
+        return f"cannot read the image ({e})"

@@ -2,8 +2,10 @@
 Florence-2 export write them. The prefix and suffix are used as they are, for any task ("<OD>" and
 "car<loc_12><loc_80><loc_330><loc_701>", "<DocVQA>What is the total?" and "$12.00", ...).
 
-A split is `<name>/annotations.jsonl` with its images beside it (Roboflow, maestro), or `<name>.jsonl` with the
-images beside it or in `images/`; `--dataset` may also be one .jsonl file (its one split).
+A split is `<name>/annotations.jsonl` with its images beside it (Roboflow's Florence-2 export, maestro), or
+`<name>.jsonl` or `_annotations.<name>.jsonl` (Roboflow's PaliGemma export, the same keys) with the images beside it
+or in `images/`; `--dataset` may also be one .jsonl file (its one split). A line that is not UTF-8 JSON with the
+three strings is skipped and counted with its file and line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def split_file(root: Path, split: str) -> Path | None:
     if root.is_file():
         return root
     for name in split_names(split):
-        for candidate in (root / name / FILE_NAME, root / f"{name}.jsonl"):
+        for candidate in (root / name / FILE_NAME, root / f"{name}.jsonl", root / f"_annotations.{name}.jsonl"):
             if candidate.is_file():
                 return candidate
     return None
@@ -34,19 +36,21 @@ def looks_like_jsonl(root: Path) -> bool:
 def read_jsonl(root: Path, split: str, problems: Problems) -> Split:
     path = split_file(root, split)
     if path is None:
-        found = [p.parent.name for p in root.glob(f"*/{FILE_NAME}")] + [p.stem for p in root.glob("*.jsonl")]
+        found = [p.parent.name for p in root.glob(f"*/{FILE_NAME}")] + [
+            p.stem.removeprefix("_annotations.") for p in root.glob("*.jsonl")]
         raise missing_split(split, root, found)
     folders = [path.parent, path.parent / "images"]
     samples = []
-    with open(path, encoding="utf-8-sig", errors="replace") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
             where = f"{path}:{number}"
+            line = decoded(raw, number, where, problems)
+            if line is None or not line.strip():
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.add(where, f"not a JSON object ({e.msg} at column {e.colno})")
+                problems.add(where, f"not a JSON object ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in KEYS):
                 found = sorted(row) if isinstance(row, dict) else type(row).__name__
@@ -63,3 +67,15 @@ def read_jsonl(root: Path, split: str, problems: Problems) -> Split:
                 continue
             samples.append(Sample(str(file), number, where, size, prefix=row["prefix"], suffix=row["suffix"]))
     return Split(samples, {}, problems.items, f"jsonl: {path}")
+
+
+def decoded(raw: bytes, number: int, where: str, problems: Problems) -> str | None:
+    """A line as text: UTF-8 (JSON's encoding), without the byte-order mark some editors put at the file's start.
+    A line in another encoding is a bad line, not one read with its letters replaced (a target silently changed)."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.add(where, f"not UTF-8 text (byte {raw[e.start]:#04x}, the line's byte {e.start + 1})")
+        return None
