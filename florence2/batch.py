@@ -6,11 +6,15 @@
         --task "<DocVQA>" --text-column question --output docvqa.jsonl
     python -m florence2 predict photos/ --task "<OD>" --output labels.json --format coco
 
-Inputs, in the order given: image files, folders (every image below them, sorted), globs, JSONL or CSV manifests
-(one row per input: an image path, relative to the manifest, and optionally the task's text) and Hugging Face
-datasets (a hub id or a `save_to_disk` folder; needs `datasets`). Images are decoded and preprocessed in DataLoader
-workers and batched with their prompts padded and masked, so every row gives what `Florence2.predict` gives for it
-alone (`predict.generate_answers` is the one path from inputs to answers).
+Inputs, in the order given: image files, folders (every image below them by its suffix, in any case, sorted; hidden
+files and folders skipped), globs, JSONL or CSV manifests (UTF-8, a byte order mark allowed; one row per input: an
+image path, relative to the manifest, and optionally the task's text) and Hugging Face datasets (a hub id or a
+`save_to_disk` folder; needs `datasets`). A task that reads a text (a phrase, a region, the question of <DocVQA>)
+takes it from --text or from the manifest's or dataset's --text-column: inputs that can give none are refused
+before the run (answers to an empty prompt are not what was asked), and a row whose text is empty gets an error
+line. Images are decoded and preprocessed in DataLoader workers and batched with their prompts padded and masked,
+so every row gives what `Florence2.predict` gives for it alone (`predict.generate_answers` is the one path from
+inputs to answers).
 
 The output is JSONL, one line per input, each written whole with one write and flushed:
     {"image": "photos/a.jpg", "task": "<OD>", "width": 640, "height": 480, "result": {"<OD>": {...}}}
@@ -28,12 +32,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import difflib
 import functools
 import glob
 import io
 import json
+import logging
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -44,7 +51,7 @@ import torch
 from PIL import Image
 
 from . import cli
-from .postprocess import TASKS, TASKS_WITHOUT_INPUT, parse_type
+from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, parse_type
 from .predict import check_prompt, collate, generate_answers
 
 FORMATS = ("jsonl", "coco")
@@ -53,10 +60,43 @@ REGION_PARSE_TYPES = ("ocr", "description_with_bboxes", "bboxes", "phrase_ground
                       "description_with_bboxes_or_polygons")
 UNLABELLED = "region"  # the COCO category of regions without a label (<REGION_PROPOSAL>, segmentations)
 OCR_CATEGORY = "text"  # <OCR_WITH_REGION>: one category, the words go in each annotation's attributes
+QUESTION_TASKS = ("<DocVQA>", "<VQA>")  # answered as text, like fine-tunes on DocVQA (the blog's prompt)
+KNOWN_TASKS = TASKS + QUESTION_TASKS
+# The tasks that read a text (a phrase, a region, a question): without one they answer, but not what was asked.
+TASKS_NEEDING_TEXT = (*TASKS_WITH_INPUT, *QUESTION_TASKS)
 
 
 class InputError(ValueError):
     """A problem with the command's inputs or output, said in one line."""
+
+
+def task_hint(task, known) -> str:
+    """"did you mean <OD>? " for a task that is a known one in other letters or without its brackets, or close to
+    one ("<od>", "OD", "<ODD>"); else ""."""
+    if not isinstance(task, str):
+        return ""
+    bare = task.strip().strip("<>").lower()
+    exact = [t for t in known if t.strip("<>").lower() == bare]
+    close = exact or difflib.get_close_matches(task.strip(), known, n=1, cutoff=0.8)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def check_task(task: str) -> None:
+    """InputError for a --task that is surely a mistake: empty, or a known task in other letters or without its
+    brackets ("<od>", "OD"). Anything else is read as it is, as the original's processor reads it: a prompt in
+    words ("What is the total?") or a task token of a fine-tune ("<MY_TASK>")."""
+    if not task.strip():
+        raise InputError("--task is empty: give a task such as <OD>, or a prompt")
+    bare = task.strip().strip("<>").lower()
+    same = [t for t in KNOWN_TASKS if t.strip("<>").lower() == bare]
+    if same and task not in KNOWN_TASKS:
+        raise InputError(f"unknown task {task}: did you mean {same[0]}?")
+
+
+def wanted_text(task: str) -> str:
+    """What the text of a task that needs one is, for the messages that ask for it."""
+    return "a region as <loc_x1><loc_y1><loc_x2><loc_y2>" if task.startswith("<REGION_TO") else \
+        "a question" if task in QUESTION_TASKS else "a phrase"
 
 
 # ------------------------------------------------------------------------------------------------- the inputs
@@ -75,11 +115,16 @@ class Item:
 
 
 class Inputs:
-    """Every input of a run, in order, and what reads their images (files, or the rows of datasets)."""
+    """Every input of a run, in order, and what reads their images (files, or the rows of datasets).
+
+    With `needs_text` (a task of TASKS_NEEDING_TEXT) and no `text` for all, a source that can give no text at all
+    (files; a manifest or dataset without the text column, as when --text-column is forgotten) is an InputError
+    rather than a run of answers to an empty prompt; a row whose text is empty is reported in its output line."""
 
     def __init__(self, sources: list[str], *, reads_text: bool, text: str | None, image_column: str,
-                 text_column: str, split: str | None):
+                 text_column: str, split: str | None, needs_text: str | None = None):
         self.reads_text, self.text = reads_text, text
+        self.needs_text = needs_text if text is None else None  # the task, when its text must come from the rows
         self.image_column, self.text_column, self.split = image_column, text_column, split
         self.items: list[Item] = []
         self.datasets: dict[str, object] = {}  # the source string -> its (column-selected) dataset
@@ -91,7 +136,10 @@ class Inputs:
     def load_image(self, item: Item) -> Image.Image:
         """The decoded image of an input: its file, or its dataset cell (decoded by datasets' Image feature,
         {"bytes", "path"}, or a path)."""
-        value = item.image if item.index is None else self.datasets[item.dataset][item.index][self.image_column]
+        try:  # datasets' Image feature decodes here: a broken cell raises PIL's error, which names no input
+            value = item.image if item.index is None else self.datasets[item.dataset][item.index][self.image_column]
+        except Exception as e:
+            raise ValueError(f"cannot read {item.image} as an image: {_without_object_address(e)}") from None
         if isinstance(value, Image.Image):
             return value
         if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
@@ -103,7 +151,12 @@ class Inputs:
                 opened.load()
                 return opened.copy()
         except Exception as e:  # PIL raises many kinds on broken files
-            raise ValueError(f"cannot read {item.image} as an image: {e}") from None
+            raise ValueError(f"cannot read {item.image} as an image: {_without_object_address(e)}") from None
+
+    def missing_text(self, where: str) -> InputError:
+        return InputError(f"task {self.needs_text} needs text ({wanted_text(self.needs_text)}) and {where}: give "
+                          "--text for every input, or a manifest or dataset whose text column --text-column names "
+                          f"(now {self.text_column!r})")
 
     # --------------------------------------------------------------------------------- one source each
     def _add(self, source: str) -> None:
@@ -111,7 +164,7 @@ class Inputs:
         if path.is_dir():
             if any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
                 return self._add_dataset(source, local=True)
-            return self._add_files(sorted(p for p in path.rglob("*") if _is_image_file(p)), source)
+            return self._add_files(sorted(p for p in path.rglob("*") if _is_image_file(p, path)), source)
         if path.is_file():
             if path.suffix.lower() == ".jsonl":
                 return self._add_manifest(path, _jsonl_rows(path))
@@ -131,18 +184,26 @@ class Inputs:
     def _add_files(self, paths: list[Path], source: str) -> None:
         if not paths:
             raise InputError(f"no images in {source}")
+        if self.needs_text:
+            raise self.missing_text(f"{source} gives images only")
         self.items += [Item(str(p), self.text if self.reads_text else None) for p in paths]
 
     def _add_manifest(self, path: Path, rows) -> None:
-        count = len(self.items)
+        """The rows of a manifest; an image path is relative to the manifest's folder (~ is the home folder)."""
+        count, columns = len(self.items), set()
         for where, row in rows:
             image = row.get(self.image_column)
-            if not isinstance(image, str) or not image:
+            if not isinstance(image, str) or not image.strip():
                 raise InputError(f"{path} {where}: no image path in column {self.image_column!r} (columns: "
-                                 f"{', '.join(row) or 'none'}; --image-column names it)")
-            self.items.append(Item(str(path.parent / image), self._row_text(row, f"{path} {where}")))
+                                 f"{', '.join(map(str, row)) or 'none'}; --image-column names it)")
+            columns |= set(row)
+            self.items.append(Item(str(path.parent / Path(image.strip()).expanduser()),
+                                   self._row_text(row, f"{path} {where}")))
         if len(self.items) == count:
             raise InputError(f"{path} lists no inputs")
+        if self.needs_text and self.text_column not in columns:
+            raise self.missing_text(f"{path} has no column {self.text_column!r} (columns: "
+                                    f"{', '.join(sorted(map(str, columns)))})")
 
     def _row_text(self, row: dict, where: str) -> str | None:
         if not self.reads_text:
@@ -161,7 +222,8 @@ class Inputs:
             what = "a saved dataset" if local else "no such file or folder; as a Hugging Face dataset id, it"
             raise InputError(f"{source}: {what} needs the datasets package: pip install -e \".[train]\"") from None
         try:
-            data = datasets.load_from_disk(source) if local else datasets.load_dataset(source, split=self.split)
+            with quiet_hub():
+                data = datasets.load_from_disk(source) if local else datasets.load_dataset(source, split=self.split)
         except Exception as e:  # not on the hub, no network, a broken folder: one line says which
             kind = "a saved dataset" if local else "a file, a folder or a Hugging Face dataset"
             raise InputError(f"{source} is not {kind}: {e}") from None
@@ -177,6 +239,9 @@ class Inputs:
         if self.image_column not in data.column_names:
             raise InputError(f"{source} has no column {self.image_column!r} (columns: "
                              f"{', '.join(data.column_names)}; --image-column names it)")
+        if self.needs_text and self.text_column not in data.column_names:
+            raise self.missing_text(f"{source} has no column {self.text_column!r} (columns: "
+                                    f"{', '.join(data.column_names)})")
         has_text = self.reads_text and self.text_column in data.column_names
         columns = [self.image_column] + ([self.text_column] if has_text else [])
         texts = data[self.text_column] if has_text else [None] * len(data)
@@ -185,8 +250,29 @@ class Inputs:
                        for i, t in enumerate(texts)]
 
 
+# Manifests are UTF-8, with or without the byte order mark that Excel ("CSV UTF-8") and Windows tools write
+# first: utf-8-sig drops it, where utf-8 would make the first column "\ufeffimage" and the first JSON line invalid.
+MANIFEST_ENCODING = "utf-8-sig"
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """huggingface_hub and datasets log every retry against a hub they cannot reach ("'[Errno -2] Name or service
+    not known' thrown while requesting HEAD ...", "Retrying in 8s") on stderr; the error that follows says it in one
+    line. (Download progress bars are tqdm's, not logging: they still show.)"""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
+    with _manifest_errors(path), open(path, encoding=MANIFEST_ENCODING) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -200,13 +286,34 @@ def _jsonl_rows(path: Path):
 
 
 def _csv_rows(path: Path):
-    with open(path, encoding="utf-8", newline="") as f:
-        for number, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
-            yield f"line {number}", row
+    """The rows of a CSV manifest by its header (quoted fields may hold commas and line breaks)."""
+    with _manifest_errors(path), open(path, encoding=MANIFEST_ENCODING, newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"line {reader.line_num}", row
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in _image_suffixes()
+@contextlib.contextmanager
+def _manifest_errors(path: Path):
+    """A manifest that is not UTF-8 text or not CSV, said with its name (the bare errors name no file)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except csv.Error as e:
+        raise InputError(f"{path} is not a valid CSV file: {e}") from None
+
+
+def _without_object_address(error: Exception) -> str:
+    """An error's message without the " <_io.BytesIO object at 0x7f...>" that PIL puts in it for bytes."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
+
+
+def _is_image_file(path: Path, folder: Path) -> bool:
+    """A file below `folder` that PIL opens by its suffix (in any case), neither hidden nor in a hidden folder
+    (.cache/, .ipynb_checkpoints/, macOS's ._ files: as a glob's * skips them)."""
+    hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return not hidden and path.suffix.lower() in _image_suffixes() and path.is_file()
 
 
 @functools.cache
@@ -234,6 +341,9 @@ class _Prepared(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.inputs.items[self.positions[i]]
         try:
+            if self.inputs.needs_text and not item.text:
+                raise ValueError(f"no text: task {self.task} needs {wanted_text(self.task)}, and this row's "
+                                 f"{self.inputs.text_column!r} is empty (--text gives one for such rows)")
             prompt = self.task + (item.text or "")
             check_prompt(self.config, self.processor, prompt)
             image = self.inputs.load_image(item)
@@ -493,7 +603,8 @@ def run(args: argparse.Namespace) -> dict:
     log_path = args.output.with_suffix(".jsonl") if args.format == "coco" else args.output
     log = ResultLog(log_path, args.task)
     inputs = Inputs(args.inputs, reads_text=args.task not in TASKS_WITHOUT_INPUT, text=args.text,
-                    image_column=args.image_column, text_column=args.text_column, split=args.split)
+                    image_column=args.image_column, text_column=args.text_column, split=args.split,
+                    needs_text=args.task if args.task in TASKS_NEEDING_TEXT else None)
     dist = Distributed.from_env()
     if dist.rank == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -536,7 +647,8 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
     from .predict import default_processor
 
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
+    with quiet_hub():
+        model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     processor = default_processor(model)
     if args.image_size is not None:
         processor = processor_at(model, processor, args.image_size)
@@ -609,6 +721,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be at least 1 and --num-workers at least 0")
+    for name, least in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    try:
+        check_task(args.task)
+    except InputError as e:
+        p.error(str(e))
+    if args.output.is_dir():
+        p.error(f"--output {args.output} is a folder: give a file in it, such as {args.output / 'results.jsonl'}")
     if args.text is not None and args.task in TASKS_WITHOUT_INPUT:
         p.error(f"task {args.task} takes no input: drop --text")
     if args.format == "coco":

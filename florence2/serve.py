@@ -7,8 +7,11 @@
                       named like generate's keyword arguments (max_new_tokens, num_beams, do_sample, seed, ...);
                       or application/json: the same fields, `image` as base64 (a data: URL too)
                       -> {"task": "<OD>", "result": {"<OD>": {...}}}, exactly what Florence2.predict returns
-    GET  /health      the model, its device, the tasks and the limits
+    GET  /health      the model, its device, the tasks and the limits (HEAD too)
     GET  /            a page (no external resources) to upload an image and see the result drawn on it
+
+Options are read as clients send them (`parse_option`): booleans as true/false, 1/0, yes/no or on/off, numbers as
+text in JSON too, and an empty field (or a JSON null) is the default.
 
 Requests that arrive together with the same generation settings are gathered into one `generate` call (up to
 --max-batch-size, waiting at most --max-wait-ms after the first of them); their prompts are padded and masked, so
@@ -44,21 +47,29 @@ import torch
 from PIL import Image
 
 from . import cli
-from .batch import dumps
+from .batch import QUESTION_TASKS, dumps, quiet_hub, task_hint, wanted_text
 from .draw import PALETTE
 from .generate import GenerateOptions
 from .postprocess import TASKS, TASKS_WITHOUT_INPUT
 from .predict import check_prompt, collate, generate_answers
 
 PAGE = Path(__file__).parent / "assets" / "serve.html"
-QUESTION_TASKS = ("<DocVQA>", "<VQA>")  # answered as text, like fine-tunes on DocVQA (the blog's prompt)
-SERVED_TASKS = TASKS + QUESTION_TASKS
+SERVED_TASKS = TASKS + QUESTION_TASKS  # the question tasks are answered as text, like fine-tunes on DocVQA
 # Options a request may set: generate's, except what predict fixes (one answer; scores where the task has them).
 REQUEST_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerateOptions)
                         if f.name not in ("num_return_sequences", "return_scores"))
 OPTION_TYPES = typing.get_type_hints(GenerateOptions)
 FORM_FIELDS = ("image", "task", "text", *REQUEST_OPTIONS)
 PREPROCESS_THREADS = min(4, os.cpu_count() or 1)  # decoding and resizing beside the model; bounded, so is memory
+# Sampling divides the logits by the temperature and beam search divides a hypothesis' score by its length to the
+# power length_penalty, in float32: far outside these ranges the results overflow (NaN probabilities, a Python
+# OverflowError), inside them they are finite for any length the decoder has (1025 ** 10 < 3.4e38). Beyond 0.01 and
+# 100 a temperature gives what greedy search or uniform draws give anyway.
+TEMPERATURE_RANGE = (0.01, 100.0)
+MAX_LENGTH_PENALTY = 10.0  # in absolute value
+BOOLEAN_TEXTS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                 "off": False}  # what forms send for a boolean: curl users, HTML checkboxes ("on"), requests ("True")
+ROUTES = "POST /v1/predict, GET /health, GET /"
 
 
 @dataclass(frozen=True)
@@ -90,17 +101,31 @@ class Job:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
 
+NOT_GIVEN = object()  # parse_option's answer for an option left empty: the checkpoint's default applies
+
+
 def parse_option(name: str, value, from_form: bool):
     """A generation option from a JSON value, or from the text of a form field, typed as GenerateOptions has it
-    (its values are then checked by GenerateOptions itself)."""
+    (its values are then checked by GenerateOptions itself).
+
+    Clients send the same option in several ways, all read alike: a JSON string is read as a form field's text is
+    ("20", "true"; form-encoders and JavaScript often send numbers as strings), a boolean may be true/false, 1/0,
+    yes/no or on/off (in any case; JSON's 1 and 0 too), and an empty field or a JSON null for an option that
+    cannot be null (httpx sends None as "") leaves the option at its default: NOT_GIVEN."""
     kind = OPTION_TYPES[name]
     types = typing.get_args(kind) or (kind,)
-    if from_form:
+    if from_form or isinstance(value, str):
+        if not value.strip():
+            return NOT_GIVEN
         value = _from_text(value.strip(), types)
+    elif value is None and type(None) not in types:
+        return NOT_GIVEN
+    if bool in types and not isinstance(value, bool) and isinstance(value, int) and value in (0, 1):
+        value = bool(value)
     if isinstance(value, bool):
         ok = bool in types
-    elif isinstance(value, int):
-        ok = int in types or float in types
+    elif isinstance(value, int):  # (a JSON integer of 400 digits is no float: float() would raise OverflowError)
+        ok = int in types or (float in types and abs(value) <= sys.float_info.max)
     elif isinstance(value, float):
         ok = float in types and math.isfinite(value)
     else:
@@ -108,17 +133,18 @@ def parse_option(name: str, value, from_form: bool):
     if not ok:
         wanted = " or ".join({int: "an integer", float: "a finite number", bool: "true or false",
                               str: '"never"', type(None): "null"}[t] for t in types)
-        raise ApiError(400, f"option {name} must be {wanted}, got {value!r}")
+        raise ApiError(400, f"option {name} must be {wanted}, got {_short(value)}")
     if name == "seed" and value is not None and not 0 <= value < 2**63:
         raise ApiError(400, f"option seed must be between 0 and 2**63 - 1, got {value}")
     return float(value) if float in types else value
 
 
 def _from_text(text: str, types: tuple):
-    """The typed value of a form field's text: true/false, null, an integer or a number; else the text."""
+    """The typed value of a form field's text: a boolean (BOOLEAN_TEXTS), null, an integer or a number; else the
+    text."""
     lowered = text.lower()
-    if bool in types and lowered in ("true", "false"):
-        return lowered == "true"
+    if bool in types and lowered in BOOLEAN_TEXTS:
+        return BOOLEAN_TEXTS[lowered]
     if type(None) in types and lowered in ("null", "none"):
         return None
     for t in (int, float):
@@ -128,6 +154,12 @@ def _from_text(text: str, types: tuple):
             except ValueError:
                 pass
     return text
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut: an error message quotes what it refuses without echoing a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def read_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -170,22 +202,26 @@ class Server:
         if task is None:
             raise ApiError(400, f"task is missing: one of {', '.join(SERVED_TASKS)}")
         if task not in SERVED_TASKS:
-            raise ApiError(400, f"unknown task {task!r}: one of {', '.join(SERVED_TASKS)}")
+            raise ApiError(400, f"unknown task {_short(task)}: {task_hint(task, SERVED_TASKS)}one of "
+                                f"{', '.join(SERVED_TASKS)}")
         if text is not None and not isinstance(text, str):
             raise ApiError(400, f"text must be a string, got {type(text).__name__}")
         text = text or None
         if text is not None and task in TASKS_WITHOUT_INPUT:
             raise ApiError(400, f"task {task} takes no text; drop the text or choose a task that reads one")
         if text is None and task not in TASKS_WITHOUT_INPUT:
-            what = "a region as <loc_x1><loc_y1><loc_x2><loc_y2>" if task.startswith("<REGION_TO") else \
-                "a question" if task in QUESTION_TASKS else "a phrase"
-            raise ApiError(400, f"task {task} needs text: {what}")
+            raise ApiError(400, f"task {task} needs text: {wanted_text(task)}")
         if text is not None:
+            try:  # a task token inside the text ("<DocVQA>" + "<OD>") is refused by the processor
+                self.processor.construct_prompt(task + text)
+            except ValueError as e:
+                raise ApiError(400, f"bad text: {e}") from None
             try:
                 check_prompt(self.model.config, self.processor, task + text)
             except ValueError as e:
                 raise ApiError(400, f"the text is too long: {e}") from None
         values = {name: parse_option(name, value, from_form) for name, value in options.items()}
+        values = {name: value for name, value in values.items() if value is not NOT_GIVEN}
         try:
             resolved = GenerateOptions.from_model(self.model.config, **values)
         except (TypeError, ValueError) as e:
@@ -193,6 +229,13 @@ class Server:
         if resolved.num_beams > self.limits.max_num_beams:
             raise ApiError(400, f"num_beams {resolved.num_beams} is more than this server's limit of "
                                 f"{self.limits.max_num_beams}")
+        low, high = TEMPERATURE_RANGE  # (the request's values: a checkpoint's own defaults are its business)
+        if "temperature" in values and not low <= resolved.temperature <= high:
+            raise ApiError(400, f"temperature {resolved.temperature} is outside [{low}, {high}], where sampling "
+                                "stays finite")
+        if "length_penalty" in values and abs(resolved.length_penalty) > MAX_LENGTH_PENALTY:
+            raise ApiError(400, f"length_penalty {resolved.length_penalty} is outside [-{MAX_LENGTH_PENALTY}, "
+                                f"{MAX_LENGTH_PENALTY}], where beam scores stay finite")
         return task, text, {k: v for k, v in dataclasses.asdict(resolved).items() if k in REQUEST_OPTIONS}
 
     @staticmethod
@@ -317,7 +360,8 @@ def create_app(server: Server):
     from fastapi.responses import HTMLResponse, Response
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="Florence-2", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect of /v1/predict/ to /v1/predict: a 307 has no JSON, and httpx does not follow it (a 404 says why)
+    app = FastAPI(title="Florence-2", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     health = server.health()
     page = PAGE.read_text(encoding="utf-8").replace("{{CONFIG}}", json.dumps(
         {"tasks": health["tasks"], "tasks_with_text": health["tasks_with_text"], "palette": PALETTE}))
@@ -331,18 +375,28 @@ def create_app(server: Server):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
-        return answer({"error": str(e.detail)}, e.status_code)
+        """Starlette's own refusals, said in JSON like ours; a 405 keeps its Allow header (RFC 9110 asks for it)."""
+        message = str(e.detail)
+        if e.status_code == 404:
+            message = f"no such path {request.url.path}: the server answers {ROUTES}"
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}: use {allowed}"
+        response = answer({"error": message}, e.status_code)
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
         print(f"florence2.serve: {type(e).__name__}: {e}", file=sys.stderr)
         return answer({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
 
-    @app.get("/health")
+    # HEAD too, as Starlette's plain routes allow it: load balancers and uptime checks probe with HEAD
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return answer(server.health())
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index():
         return HTMLResponse(page)
 
@@ -394,12 +448,19 @@ async def read_body(request, limit: int) -> bytes:
 async def form_fields(request, body: bytes, limit: int) -> tuple[bytes, dict]:
     """(image bytes, the other fields as text) of a multipart body already read."""
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
 
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form(max_files=1, max_fields=len(FORM_FIELDS), max_part_size=limit)
+    # as many files as fields: a second image, or a text field sent as a file, gets our message below rather than
+    # Starlette's "Too many files"; the body's size is already bounded
+    try:
+        form = await Request(request.scope, replay).form(max_files=len(FORM_FIELDS), max_fields=len(FORM_FIELDS),
+                                                         max_part_size=limit)
+    except HTTPException as e:
+        raise ApiError(e.status_code, f"bad multipart body: {e.detail}") from None
     try:
         fields = {}
         for name, value in form.multi_items():
@@ -421,20 +482,52 @@ async def form_fields(request, body: bytes, limit: int) -> tuple[bytes, dict]:
 
 
 def json_fields(body: bytes) -> tuple[bytes, dict]:
-    """(image bytes, the other fields) of a JSON body with a base64 image."""
+    """(image bytes, the other fields) of a JSON body with a base64 image.
+
+    json.loads raises more than JSONDecodeError on hostile bodies: ValueError for an integer of more than 4300
+    digits, RecursionError for arrays nested some thousand deep; each is the client's mistake, a 400."""
     try:
-        fields = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not JSON: {e}") from None
+        fields = json.loads(body, object_pairs_hook=_no_duplicates)
+    except ApiError:
+        raise
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the body is not JSON: {str(e)[:200]}") from None
     if not isinstance(fields, dict):
-        raise ApiError(400, "the JSON body must be an object with 'image', 'task', ...")
+        raise ApiError(400, f"the JSON body must be an object with 'image', 'task', ..., not "
+                            f"{type(fields).__name__}")
     image = fields.pop("image", None)
-    if not isinstance(image, str) or not image:
+    if image is None or image == "":
         raise ApiError(400, "no image: send it base64-encoded in the field 'image'")
-    if image.startswith("data:"):  # a data URL, as the browser's FileReader makes it
-        image = image.partition(",")[2]
+    if not isinstance(image, str):
+        raise ApiError(400, f"the field 'image' must be a base64 string, got {type(image).__name__}")
+    return decode_base64_image(image), fields
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object, refused when it names a field twice (json.loads would keep the last silently; a form field
+    given twice is refused too)."""
+    fields = {}
+    for name, value in pairs:
+        if name in fields:
+            raise ApiError(400, f"field {name} is given twice")
+        fields[name] = value
+    return fields
+
+
+def decode_base64_image(text: str) -> bytes:
+    """The bytes of a base64 image as clients encode it: a data: URL (the browser's FileReader), lines wrapped
+    every 76 characters (MIME: `base64` without -w0, Python's encodebytes, Java's MIME encoder), the URL-safe
+    alphabet (- and _), or the padding left out. A URL is refused by name: the server fetches nothing."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    elif text.startswith(("http://", "https://", "file:")):
+        raise ApiError(400, "the image must be the image's bytes, base64-encoded: the server fetches no URLs")
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.translate(str.maketrans("-_", "+/"))
+    text += "=" * (-len(text) % 4)
     try:
-        return base64.b64decode(image, validate=True), fields
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, f"the image is not valid base64: {e}") from None
 
@@ -461,6 +554,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-batch-size must be at least 1 and --max-wait-ms at least 0")
     if args.max_body_mb <= 0 or args.max_image_pixels < 1 or args.max_num_beams < 1:
         p.error("--max-body-mb, --max-image-pixels and --max-num-beams must be positive")
+    if not 0 <= args.port <= 65535:  # uvicorn's bind would raise OverflowError, a traceback
+        p.error(f"--port must be between 0 and 65535, got {args.port}")
     return args
 
 
@@ -468,7 +563,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for the form uploads)
+        import python_multipart  # noqa: F401  (for the form uploads)
         import uvicorn
     except ImportError as e:
         return cli.report("python -m florence2.serve", ImportError(f"it needs {e.name}: pip install -e \".[serve]\""))
@@ -477,7 +572,8 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:  # a checkpoint that cannot be found offline, a bad dtype or device: one line, not a traceback
-        model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
+        with quiet_hub():  # (and not the hub's retries, a line each)
+            model = Florence2.from_pretrained(args.model, revision=args.revision, dtype=args.dtype, device=device)
     except cli.USER_ERRORS as e:
         return cli.report("python -m florence2.serve", e)
     limits = Limits(int(args.max_body_mb * 2**20), args.max_image_pixels, args.max_num_beams)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -110,6 +111,54 @@ def test_a_folder_and_a_csv_manifest_give_one_line_per_input(model, model_dir, f
             image = Image.open(record["image"])
             assert (record["width"], record["height"]) == image.size
             assert record["result"] == alone(model, record, max_new_tokens=8, min_new_tokens=3)
+
+
+def test_manifests_from_spreadsheets_and_what_needs_text(model, model_dir, tmp_path, one_thread):
+    """A CSV as Excel saves it (UTF-8 with a byte order mark, a quoted comma) and a JSONL with a BOM, paths relative
+    to the manifest or under ~; a row without the text its task needs gets an error line, not an empty prompt."""
+    pictures(tmp_path / "pics", 2)
+    (tmp_path / "lists").mkdir()
+    csv_manifest, jsonl_manifest = tmp_path / "lists" / "questions.csv", tmp_path / "lists" / "more.jsonl"
+    with open(csv_manifest, "w", encoding="utf-8-sig", newline="") as f:
+        csv.writer(f).writerows([["image", "text"], ["../pics/picture-00.png", "Total, with tax?"],
+                                 ["../pics/picture-01.png", ""]])
+    jsonl_manifest.write_text('{"image": "../pics/picture-01.png", "text": "Date?"}\n'
+                              '{"image": "~/florence2-no-such-picture.png", "text": "Date?"}\n', encoding="utf-8-sig")
+    out = tmp_path / "answers.jsonl"
+    assert main(["predict", str(csv_manifest), str(jsonl_manifest), "--task", "<DocVQA>", "--output", str(out),
+                 "--model", str(model_dir), "--num-workers", "0", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    found = lines(out)
+    lists = tmp_path / "lists"
+    home = str(Path("~/florence2-no-such-picture.png").expanduser())
+    assert [(r["image"], r.get("text")) for r in found] == [
+        (str(lists / "../pics/picture-00.png"), "Total, with tax?"), (str(lists / "../pics/picture-01.png"), None),
+        (str(lists / "../pics/picture-01.png"), "Date?"), (home, "Date?")]
+    assert "no text: task <DocVQA> needs a question" in found[1]["error"]
+    assert "No such file" in found[3]["error"]
+    for record in (found[0], found[2]):
+        assert record["result"] == alone(model, record, max_new_tokens=8)
+
+
+def test_folders_skip_hidden_ones_and_broken_dataset_cells_are_named(model, model_dir, tmp_path, one_thread):
+    datasets = pytest.importorskip("datasets")
+    pics = tmp_path / "pics"
+    pictures(pics, 2)
+    pictures(pics / ".thumbnails", 1)  # as image viewers and notebooks leave them: not inputs, as a glob's * says
+    (pics / "sub").mkdir()
+    shutil.copy(pics / "picture-00.png", pics / "sub" / "UPPER.PNG")  # below the folder, its suffix in capitals
+    good = Image.open(pics / "picture-01.png")
+    datasets.Dataset.from_dict({"image": [{"bytes": b"not an image", "path": None}, good]}).cast_column(
+        "image", datasets.Image()).save_to_disk(str(tmp_path / "cells"))
+    out = tmp_path / "captions.jsonl"
+    assert main(["predict", str(pics), str(tmp_path / "cells"), "--task", "<CAPTION>", "--output", str(out),
+                 "--model", str(model_dir), "--num-workers", "0", "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    found = lines(out)
+    cells = tmp_path / "cells"
+    assert [r["image"] for r in found] == [str(pics / "picture-00.png"), str(pics / "picture-01.png"),
+                                           str(pics / "sub" / "UPPER.PNG"), f"{cells}[0]", f"{cells}[1]"]
+    assert found[3]["error"] == f"cannot read {cells}[0] as an image: cannot identify image file"
+    assert found[4]["result"] == json.loads(json.dumps(model.predict(good, "<CAPTION>", max_new_tokens=8)))
+    assert found[2]["result"] == alone(model, found[2], max_new_tokens=8)
 
 
 def _arguments(model_dir, out, *inputs):
@@ -255,7 +304,7 @@ def test_image_size_reads_every_image_at_that_size(model, model_dir, folder, tmp
     assert any(record["result"] != alone(model, record, max_new_tokens=12) for record in found)
 
 
-def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, one_thread):
+def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, capsys, one_thread):
     datasets = pytest.importorskip("datasets")
     images = [Image.open(p) for p in pictures(tmp_path / "pictures", 3)]
     data = datasets.DatasetDict(
@@ -268,6 +317,10 @@ def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, one_
     with pytest.raises(SystemExit) as error:
         main(argv)
     assert error.value.code == 2
+    without = [a for a in argv if a not in ("--text-column", "question")] + ["--split", "validation"]
+    with pytest.raises(SystemExit) as error:  # the questions left out: refused, not answers to empty prompts
+        main(without)
+    assert error.value.code == 2 and "has no column 'text' (columns: image, question)" in capsys.readouterr().err
     assert main(argv + ["--split", "validation"]) == 0
     found = lines(out)
     assert [(r["image"], r["index"], r["text"]) for r in found] == [
@@ -286,13 +339,25 @@ def test_a_saved_dataset_with_a_question_column(model, model_dir, tmp_path, one_
     (["{folder}", "--task", "<OD>", "--image-size", "64x90"], "the width 90 is not a positive multiple of 32"),
     (["{manifest}", "--task", "<OD>"], "line 2: not JSON"),
     (["{folder}", "--task", "<CAPTION>", "--output", "{taken}"], "holds results of task <OD>"),
+    (["{folder}", "--task", "<od>"], "unknown task <od>: did you mean <OD>?"),
+    (["{folder}", "--task", "OD"], "unknown task OD: did you mean <OD>?"),
+    (["{folder}", "--task", ""], "--task is empty"),
+    (["{folder}", "--task", "<OD>", "--output", "{folder}"], "is a folder"),
+    (["{folder}", "--task", "<OD>", "--num-beams", "0"], "--num-beams must be at least 1"),
+    (["{utf16}", "--task", "<OD>"], "utf16.csv is not UTF-8 text"),
+    (["{folder}", "--task", "<DocVQA>"], "task <DocVQA> needs text (a question) and"),
+    (["{prompts}", "--task", "<DocVQA>", "--image-column", "image_path"], "has no column 'text' (columns: image_path,"
+                                                                          " prompt)"),
 ])
 def test_command_line_mistakes_are_one_line(argv, message, folder, tmp_path, capsys):
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text('{"image": "a.png"}\n{oops\n')
     taken = tmp_path / "taken.jsonl"
     taken.write_text('{"image": "a.png", "task": "<OD>", "error": "x"}\n')
-    values = {"folder": folder, "manifest": manifest, "taken": taken}
+    utf16, prompts = tmp_path / "utf16.csv", tmp_path / "prompts.csv"
+    utf16.write_text("image\npicture-00.png\n", encoding="utf-16")  # Excel's "Unicode text"
+    prompts.write_text("image_path,prompt\npicture-00.png,Date?\n")
+    values = {"folder": folder, "manifest": manifest, "taken": taken, "utf16": utf16, "prompts": prompts}
     argv = [a.format(**values) for a in argv]
     if "--output" not in argv:
         argv += ["--output", str(tmp_path / "out.jsonl")]
@@ -301,6 +366,25 @@ def test_command_line_mistakes_are_one_line(argv, message, folder, tmp_path, cap
     err = capsys.readouterr().err
     assert error.value.code == 2 and message in err and err.count("\n") == 1, err
     assert taken.read_text() == '{"image": "a.png", "task": "<OD>", "error": "x"}\n'  # never overwritten
+
+
+def test_an_unreachable_hub_is_one_line(folder, tmp_path, monkeypatch, capfd):
+    """An input that is no file is tried as a hub dataset id; offline, huggingface_hub logs each retry on stderr
+    (its own handler, on the process' stderr) before the error: the command says it once."""
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub.utils import logging as hub_logging
+
+    def unreachable(source, split=None):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning(
+            f"'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/{source}")
+        raise ConnectionError(f"Couldn't reach '{source}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(SystemExit) as error:
+        main(["predict", "someone/pictures", "--task", "<OD>", "--output", str(tmp_path / "out.jsonl")])
+    err = capfd.readouterr().err
+    assert error.value.code == 2 and err.count("\n") == 1, err
+    assert "someone/pictures is not a file, a folder or a Hugging Face dataset: Couldn't reach" in err
 
 
 def test_the_single_image_form_still_works(model_dir, folder, capsys):

@@ -60,12 +60,16 @@ def images(tmp_path_factory):
     return [p.read_bytes() for p in pictures(tmp_path_factory.mktemp("serve_pictures"), 6)]
 
 
-def post(client, image: bytes, task, text=None, options=None, as_json=False):
+def post(client, image: bytes, task, text=None, options=None, as_json=False, path="/v1/predict"):
     fields = {k: v for k, v in (("task", task), ("text", text)) if v is not None} | (options or {})
     if as_json:
-        return client.post("/v1/predict", json={"image": base64.b64encode(image).decode(), **fields})
-    return client.post("/v1/predict", files={"image": ("image.png", image, "image/png")},
+        return client.post(path, json={"image": base64.b64encode(image).decode(), **fields})
+    return client.post(path, files={"image": ("image.png", image, "image/png")},
                        data={k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()})
+
+
+def _post_json(client, body: bytes):
+    return client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
 
 
 def test_concurrent_requests_are_batched_and_equal_predict(server, client, model_dir, images, one_thread):
@@ -137,12 +141,39 @@ def _bad_requests(client, image: bytes):
         ["base64"]
     yield "bad JSON", client.post("/v1/predict", content=b"{nope", headers={"content-type": "application/json"}), \
         400, ["not JSON"]
+    # json.loads raises ValueError (not JSONDecodeError) past 4300 digits and RecursionError when nested deep
+    yield "JSON number of 5000 digits", _post_json(client, b'{"task": "<OD>", "max_new_tokens": ' + b"9" * 5000 +
+                                                  b"}"), 400, ["not JSON", "digits"]
+    beyond_floats = b'{"image": "%s", "task": "<OD>", "length_penalty": 1%s}' % (base64.b64encode(image), b"0" * 400)
+    yield "JSON integer past float's range", _post_json(client, beyond_floats), 400, ["length_penalty", "finite number"]
+    yield "JSON nested 100000 deep", _post_json(client, b"[" * 100_000 + b"]" * 100_000), 400, ["not JSON"]
+    yield "JSON field twice", _post_json(client, b'{"image": "%s", "task": "<OD>", "task": "<CAPTION>"}' %
+                                         base64.b64encode(image)), 400, ["task", "twice"]
+    yield "JSON image URL", client.post("/v1/predict", json={"image": "https://example.com/a.png", "task": "<OD>"}), \
+        400, ["fetches no URLs"]
     yield "other content type", client.post("/v1/predict", content=b"x=1",
                                            headers={"content-type": "text/plain"}), 415, ["multipart"]
+    yield "chunked body too large", client.post("/v1/predict", content=iter([b" " * 2**16] * (16 * MAX_BODY_MB + 1)),
+                                                headers={"content-type": "application/json"}), 413, ["limit"]
     yield "bad multipart", client.post("/v1/predict", content=b"--x\r\nbroken",
-                                      headers={"content-type": "multipart/form-data; boundary=x"}), 400, []
-    yield "unknown path", client.get("/v1/nothing"), 404, []
-    yield "wrong method", client.get("/v1/predict"), 405, []
+                                      headers={"content-type": "multipart/form-data; boundary=y"}), 400, \
+        ["bad multipart body"]
+    yield "second image", client.post("/v1/predict", data={"task": "<OD>"}, files=[
+        ("image", ("a.png", image, "image/png")), ("image", ("b.png", image, "image/png"))]), 400, \
+        ["image", "given twice"]
+    yield "text sent as a file", client.post("/v1/predict", data={"task": "<DocVQA>"}, files=[
+        ("image", ("a.png", image, "image/png")), ("text", ("q.txt", b"Date?", "text/plain"))]), 400, \
+        ["text", "not a file"]
+    yield "lower-case task", post(client, image, "<od>"), 400, ["unknown task", "did you mean <OD>?"]
+    yield "task token in the text", post(client, image, "<DocVQA>", "<OD>"), 400, ["bad text", "<OD>"]
+    # far outside these, float32 overflows in generate: NaN probabilities, OverflowError (were 500s)
+    yield "temperature that overflows", post(client, image, "<CAPTION>", options={
+        "do_sample": True, "temperature": 1e-40, "num_beams": 1, "max_new_tokens": 4}), 400, ["temperature", "0.01"]
+    yield "length penalty that overflows", post(client, image, "<CAPTION>", options={
+        "length_penalty": 1000, "num_beams": 2, "max_new_tokens": 10, "min_new_tokens": 5}), 400, ["length_penalty"]
+    yield "unknown path", client.get("/v1/nothing"), 404, ["/v1/nothing", "POST /v1/predict"]
+    yield "trailing slash", post(client, image, "<OD>", path="/v1/predict/"), 404, ["/v1/predict/"]
+    yield "wrong method", client.get("/v1/predict"), 405, ["GET", "use POST"]
 
 
 def test_bad_input_gets_a_4xx_and_the_server_keeps_answering(server, client, model_dir, images):
@@ -152,11 +183,89 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_answering(server, client, mod
         error = response.json()["error"]
         assert all(w in error for w in words), (what, error)
     assert server.process.poll() is None
+    assert client.get("/v1/predict").headers["allow"] == "POST"  # a 405 says what is allowed (RFC 9110)
     model = Florence2.from_pretrained(model_dir)
     expected = model.predict(Image.open(io.BytesIO(image)), "<OD>", max_new_tokens=10)
     response = post(client, image, "<OD>", options={"max_new_tokens": 10})
     assert response.status_code == 200 and response.json() == {"task": "<OD>", "result": json.loads(
         json.dumps(expected))}
+
+
+def _expected(model, image: bytes, task, text=None, **options) -> dict:
+    return json.loads(json.dumps({"task": task, "result": model.predict(Image.open(io.BytesIO(image)), task,
+                                                                        text=text, **options)}))
+
+
+def test_fields_as_clients_send_them_are_read_alike(server, client, model_dir, images):
+    """Booleans as 1/0 (curl users, HTML forms), empty fields and JSON nulls (httpx sends None as ""), numbers as
+    JSON strings, base64 wrapped in lines, URL-safe or unpadded: each answer is Florence2.predict's."""
+    model = Florence2.from_pretrained(model_dir)
+    image = images[2]
+    sampled = _expected(model, image, "<CAPTION>", do_sample=True, seed=3, num_beams=1, max_new_tokens=6)
+    greedy = _expected(model, image, "<CAPTION>", do_sample=False, max_new_tokens=6)
+    assert sampled != greedy
+    form = {"image": ("image.png", image, "image/png")}
+    cases = [
+        ({"do_sample": "1", "seed": "3", "num_beams": "1", "max_new_tokens": "6"}, None, sampled),
+        ({"do_sample": "0", "max_new_tokens": "6", "num_beams": ""}, None, greedy),
+        ({"do_sample": "on", "seed": "3", "num_beams": "1", "max_new_tokens": "6"}, None, sampled),
+        (None, {"do_sample": 1, "seed": "3", "num_beams": "1", "max_new_tokens": "6"}, sampled),
+        (None, {"do_sample": "false", "max_new_tokens": 6, "num_beams": None, "seed": None}, greedy),
+    ]
+    for data, body, expected in cases:
+        if data is not None:
+            response = client.post("/v1/predict", files=form, data={"task": "<CAPTION>", **data})
+        else:
+            response = client.post("/v1/predict", json={"image": base64.b64encode(image).decode(),
+                                                        "task": "<CAPTION>", **body})
+        assert response.status_code == 200 and response.json() == expected, (data or body, response.text)
+    encoded = base64.b64encode(image).decode()
+    urlsafe = base64.urlsafe_b64encode(image).decode().rstrip("=")
+    assert urlsafe != encoded.rstrip("=") and len(encoded) != len(urlsafe)  # other letters, padding left out
+    od = _expected(model, image, "<OD>", max_new_tokens=6)
+    for text in (base64.encodebytes(image).decode(), urlsafe, "data:image/png;base64," + encoded):
+        response = client.post("/v1/predict", json={"image": text, "task": "<OD>", "max_new_tokens": 6})
+        assert response.status_code == 200 and response.json() == od, (text[:30], response.text)
+    assert client.head("/health").status_code == 200  # load balancers probe with HEAD
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _image_kinds(base: Image.Image) -> dict[str, bytes]:
+    """`base` as clients upload pictures: alpha, palette with transparency, 16-bit and 8-bit grayscale PNGs, a CMYK
+    JPEG, a JPEG whose EXIF says to turn it, an animated GIF (its first frame is read)."""
+    translucent = base.convert("RGBA")
+    translucent.putalpha(90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn it 90 degrees to show it
+    return {"alpha.png": _encoded(translucent, "PNG"), "palette.png": _encoded(base.convert("P"), "PNG",
+                                                                               transparency=0),
+            "gray.png": _encoded(base.convert("L"), "PNG"), "gray16.png": _encoded(base.convert("I;16"), "PNG"),
+            "cmyk.jpg": _encoded(base.convert("CMYK"), "JPEG"), "exif-rotated.jpg": _encoded(base, "JPEG", exif=exif),
+            "animated.gif": _encoded(base, "GIF", save_all=True,
+                                     append_images=[base.rotate(180), Image.new("RGB", base.size)])}
+
+
+def test_images_of_every_kind_are_read_as_predict_reads_them(client, model_dir, images, tmp_path):
+    """Florence2.predict converts any mode with Image.convert("RGB"), ignores EXIF orientation (the page draws the
+    stored pixels too) and reads a GIF's first frame: the server answers exactly the same."""
+    from PIL import ImageOps
+
+    model = Florence2.from_pretrained(model_dir)
+    answers = {}
+    for name, data in _image_kinds(Image.open(io.BytesIO(images[2])).convert("RGB")).items():
+        (tmp_path / name).write_bytes(data)
+        answers[name] = model.predict(str(tmp_path / name), "<CAPTION>", max_new_tokens=8)
+        response = post(client, data, "<CAPTION>", options={"max_new_tokens": 8})
+        assert response.status_code == 200, (name, response.text)
+        assert response.json() == {"task": "<CAPTION>", "result": answers[name]}, name
+    # the answers tell the readings apart: turned as its EXIF says, the JPEG gets another caption
+    turned = ImageOps.exif_transpose(Image.open(tmp_path / "exif-rotated.jpg"))
+    assert model.predict(turned, "<CAPTION>", max_new_tokens=8) != answers["exif-rotated.jpg"]
 
 
 def test_health_and_the_page(client):
@@ -174,6 +283,30 @@ def test_the_server_binds_localhost_by_default():
     from florence2.serve import parse_args
 
     assert parse_args(["--model", "m"]).host == "127.0.0.1"
+
+
+def test_command_line_mistakes_are_one_line(monkeypatch, capfd):
+    """A port out of range (uvicorn's bind raised OverflowError: a traceback) and a checkpoint on a hub that cannot
+    be reached (huggingface_hub logged each of its retries first) end in one line."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    from florence2.serve import main
+
+    with pytest.raises(SystemExit) as error:
+        main(["--model", "m", "--port", "99999"])
+    assert error.value.code == 2 and "--port must be between 0 and 65535" in capfd.readouterr().err
+
+    def unreachable(name, **options):
+        for _ in range(3):  # huggingface_hub retries five times
+            hub_logging.get_logger("huggingface_hub.utils._http").warning(
+                f"'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/{name}")
+        raise OSError(f"cannot download config.json of {name} (no connection to the hub)")
+
+    monkeypatch.setattr(Florence2, "from_pretrained", unreachable)
+    assert main(["--model", "someone/florence", "--device", "cpu"]) == 1
+    err = capfd.readouterr().err
+    assert err == "python -m florence2.serve: error: cannot download config.json of someone/florence (no connection " \
+                  "to the hub)\n", err
 
 
 
