@@ -70,14 +70,18 @@ class InputError(ValueError):
     """A problem with the command's inputs or output, said in one line."""
 
 
+def same_task(task: str, known) -> list[str]:
+    """The known tasks that `task` is in other letters or without its brackets ("<od>", "OD" for <OD>)."""
+    bare = task.strip().strip("<>").lower()
+    return [t for t in known if t.strip("<>").lower() == bare]
+
+
 def task_hint(task, known) -> str:
     """"did you mean <OD>? " for a task that is a known one in other letters or without its brackets, or close to
     one ("<od>", "OD", "<ODD>"); else ""."""
     if not isinstance(task, str):
         return ""
-    bare = task.strip().strip("<>").lower()
-    exact = [t for t in known if t.strip("<>").lower() == bare]
-    close = exact or difflib.get_close_matches(task.strip(), known, n=1, cutoff=0.8)
+    close = same_task(task, known) or difflib.get_close_matches(task.strip(), known, n=1, cutoff=0.8)
     return f"did you mean {close[0]}? " if close else ""
 
 
@@ -87,8 +91,7 @@ def check_task(task: str) -> None:
     words ("What is the total?") or a task token of a fine-tune ("<MY_TASK>")."""
     if not task.strip():
         raise InputError("--task is empty: give a task such as <OD>, or a prompt")
-    bare = task.strip().strip("<>").lower()
-    same = [t for t in KNOWN_TASKS if t.strip("<>").lower() == bare]
+    same = same_task(task, KNOWN_TASKS)
     if same and task not in KNOWN_TASKS:
         raise InputError(f"unknown task {task}: did you mean {same[0]}?")
 
