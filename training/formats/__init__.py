@@ -180,8 +180,8 @@ def missing_split(split: str, source, found) -> DataError:
                      + (", ".join(found) if found else "no split at all"))
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding it."""
+def image_size_of(path) -> tuple[int, int]:
+    """(width, height) from the header of a file (a path or a file object), without decoding it."""
     from PIL import Image
 
     with Image.open(path) as image:

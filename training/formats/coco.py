@@ -215,8 +215,7 @@ def add_annotation(annotation: dict, path: Path, samples: dict, categories: dict
     if not isinstance(bbox, list) or len(bbox) != 4:
         problems.add(where, f"bbox {bbox!r} is not [x, y, width, height]")
         return
-    if all(isinstance(v, (int, float)) for v in bbox):
-        convention.add(bbox, sample.size, where)
+    convention.add(bbox, sample.size, where)  # (it leaves out boxes that are not four numbers)
     box = clipped_box(bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3], sample.size) if all(
         isinstance(v, (int, float)) for v in bbox) else f"bbox {bbox!r} is not four numbers"
     if isinstance(box, str):

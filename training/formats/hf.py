@@ -33,6 +33,7 @@ from . import (
     Sample,
     Split,
     clipped_box,
+    image_size_of,
     split_names,
 )
 
@@ -247,13 +248,9 @@ def stored_size(stored) -> tuple[int, int] | str:
     """(width, height) of an undecoded image cell ({bytes, path}), or why it cannot be read."""
     import io
 
-    from PIL import Image
-
     if not isinstance(stored, dict) or (stored.get("bytes") is None and not stored.get("path")):
         return "no image in this row"
     try:
-        data = stored["bytes"] if stored.get("bytes") is not None else Path(stored["path"]).read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
+        return image_size_of(io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"])
     except OSError as e:
         return f"cannot read the image ({e})"
