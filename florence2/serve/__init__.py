@@ -24,7 +24,7 @@ reaches the model. Images come only as bytes in the request: the server fetches 
 requests, so replicas behind a load balancer need no coordination.
 """
 
-from .app import create_app, json_fields, read_body
+from .app import create_app, json_fields
 from .batcher import Batcher, Job
 from .command import main, parse_args, warm_up
 from .server import (
@@ -36,6 +36,7 @@ from .server import (
     Server,
     decode_base64_image,
     parse_option,
+    read_body,
     read_image,
 )
 

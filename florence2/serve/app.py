@@ -1,4 +1,5 @@
-"""The FastAPI application: the native routes (POST /v1/predict, GET /health) and the page (GET /)."""
+"""The FastAPI application: the native routes (POST /v1/predict, GET /health), the page (GET /) and the OpenAI
+compatible routes (openai_routes)."""
 
 import asyncio
 import json
@@ -7,11 +8,12 @@ from pathlib import Path
 
 from ..batch import dumps
 from ..draw import PALETTE
-from .server import REQUEST_OPTIONS, ApiError, Server, decode_base64_image
+from . import openai_routes
+from .server import REQUEST_OPTIONS, ApiError, Server, decode_base64_image, load_json, read_body
 
 PAGE = Path(__file__).parent.parent / "assets" / "serve.html"
 FORM_FIELDS = ("image", "task", "text", *REQUEST_OPTIONS)
-ROUTES = "POST /v1/predict, GET /health, GET /"
+ROUTES = "POST /v1/predict, POST /v1/chat/completions, GET /v1/models, GET /health, GET /"
 
 
 def create_app(server: Server):
@@ -29,9 +31,14 @@ def create_app(server: Server):
     def answer(body: dict, status: int = 200) -> Response:
         return Response(dumps(body), status_code=status, media_type="application/json")
 
+    def refuse(request, e: ApiError) -> Response:
+        """The error in the shape of the route's API: OpenAI's under its paths, {"error": message} elsewhere."""
+        body = openai_routes.error_body(e) if openai_routes.speaks_openai(request.url.path) else {"error": e.message}
+        return answer(body, e.status)
+
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return answer({"error": e.message}, e.status)
+        return refuse(request, e)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -42,14 +49,14 @@ def create_app(server: Server):
         elif e.status_code == 405:
             allowed = (e.headers or {}).get("Allow", "")
             message = f"method {request.method} is not allowed on {request.url.path}: use {allowed}"
-        response = answer({"error": message}, e.status_code)
+        response = refuse(request, ApiError(e.status_code, message))
         response.headers.update(e.headers or {})
         return response
 
     @app.exception_handler(Exception)
     async def server_error(request, e: Exception):
         print(f"florence2.serve: {type(e).__name__}: {e}", file=sys.stderr)
-        return answer({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+        return refuse(request, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
     # HEAD too, as Starlette's plain routes allow it: load balancers and uptime checks probe with HEAD
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -80,29 +87,16 @@ def create_app(server: Server):
         key = server.batch_key(options)
         server.batcher.expect(key)
         try:
-            job = await asyncio.get_running_loop().run_in_executor(server.pool, server.prepare, data, task, text,
-                                                                    options, key)
+            job = await asyncio.get_running_loop().run_in_executor(server.pool, server.prepare, data,
+                                                                    task + (text or ""), task, options, key)
         except BaseException:  # refused, or the client went away: its batch stops waiting for it
             server.batcher.cancel(key)
             raise
-        result = await asyncio.wrap_future(server.batcher.submit(job))
-        return answer({"task": task, "result": result})
+        answers = await asyncio.wrap_future(server.batcher.submit(job))
+        return answer({"task": task, "result": answers[0].result})
 
+    openai_routes.add_routes(app, server, answer)
     return app
-
-
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be larger than `limit`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared)} bytes, more than the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is more than the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def form_fields(request, body: bytes, limit: int) -> tuple[bytes, dict]:
@@ -142,16 +136,8 @@ async def form_fields(request, body: bytes, limit: int) -> tuple[bytes, dict]:
 
 
 def json_fields(body: bytes) -> tuple[bytes, dict]:
-    """(image bytes, the other fields) of a JSON body with a base64 image.
-
-    json.loads raises more than JSONDecodeError on hostile bodies: ValueError for an integer of more than 4300
-    digits, RecursionError for arrays nested some thousand deep; each is the client's mistake, a 400."""
-    try:
-        fields = json.loads(body, object_pairs_hook=_no_duplicates)
-    except ApiError:
-        raise
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the body is not JSON: {str(e)[:200]}") from None
+    """(image bytes, the other fields) of a JSON body with a base64 image."""
+    fields = load_json(body)
     if not isinstance(fields, dict):
         raise ApiError(400, f"the JSON body must be an object with 'image', 'task', ..., not "
                             f"{type(fields).__name__}")
@@ -161,14 +147,3 @@ def json_fields(body: bytes) -> tuple[bytes, dict]:
     if not isinstance(image, str):
         raise ApiError(400, f"the field 'image' must be a base64 string, got {type(image).__name__}")
     return decode_base64_image(image), fields
-
-
-def _no_duplicates(pairs: list) -> dict:
-    """A JSON object, refused when it names a field twice (json.loads would keep the last silently; a form field
-    given twice is refused too)."""
-    fields = {}
-    for name, value in pairs:
-        if name in fields:
-            raise ApiError(400, f"field {name} is given twice")
-        fields[name] = value
-    return fields

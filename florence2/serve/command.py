@@ -88,6 +88,6 @@ def warm_up(server: Server) -> None:
     """One short generation before the first request: kernels chosen, lazy imports done."""
     blank = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(blank, format="PNG")
-    task, text, options = server.check_request("<CAPTION>", None, {"max_new_tokens": 2}, from_form=False)
-    server.run([server.prepare(blank.getvalue(), task, text, options, server.batch_key(options))])
+    options = server.check_options({"max_new_tokens": 2}, from_form=False)
+    server.run([server.prepare(blank.getvalue(), "<CAPTION>", "<CAPTION>", options, server.batch_key(options))])
     print(f"florence2.serve: {server.health()['model']} ready", file=sys.stderr, flush=True)

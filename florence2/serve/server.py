@@ -6,9 +6,11 @@ import binascii
 import concurrent.futures
 import dataclasses
 import io
+import json
 import math
 import os
 import sys
+import time
 import typing
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ from PIL import Image
 from ..batch import QUESTION_TASKS, task_hint, wanted_text
 from ..generate import GenerateOptions
 from ..postprocess import TASKS, TASKS_WITHOUT_INPUT
-from ..predict import check_prompt, collate, generate_answers
+from ..predict import check_prompt, collate, generate_answers_and_tokens
 from .batcher import Batcher, Job
 
 SERVED_TASKS = TASKS + QUESTION_TASKS  # the question tasks are answered as text, like fine-tunes on DocVQA
@@ -44,19 +46,29 @@ class Limits:
 
 
 class ApiError(Exception):
-    """A request the server refuses: its status (4xx) and the message of the JSON answer."""
+    """A request the server refuses: its status (4xx), the message of the JSON answer, and the request's field it
+    is about (`param` of the OpenAI routes' errors) with OpenAI's code for the problem, where there is one."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class Answer:
+    """One generated answer of a job."""
+
+    result: dict  # {task: parsed answer}, what Florence2.predict returns
+    tokens: list[int]  # the generated ids: the start token left out, through the first end token
 
 
 NOT_GIVEN = object()  # parse_option's answer for an option left empty: the checkpoint's default applies
 
 
-def parse_option(name: str, value, from_form: bool):
+def parse_option(name: str, value, from_form: bool, field: str | None = None):
     """A generation option from a JSON value, or from the text of a form field, typed as GenerateOptions has it
-    (its values are then checked by GenerateOptions itself).
+    (its values are then checked by GenerateOptions itself); errors name it `field` (default: `name`), the name
+    the request gave it.
 
     Clients send the same option in several ways, all read alike: a JSON string is read as a form field's text is
     ("20", "true"; form-encoders and JavaScript often send numbers as strings), a boolean may be true/false, 1/0,
@@ -83,9 +95,9 @@ def parse_option(name: str, value, from_form: bool):
     if not ok:
         wanted = " or ".join({int: "an integer", float: "a finite number", bool: "true or false",
                               str: '"never"', type(None): "null"}[t] for t in types)
-        raise ApiError(400, f"option {name} must be {wanted}, got {_short(value)}")
+        raise ApiError(400, f"option {field or name} must be {wanted}, got {short_repr(value)}", field or name)
     if name == "seed" and value is not None and not 0 <= value < 2**63:
-        raise ApiError(400, f"option seed must be between 0 and 2**63 - 1, got {value}")
+        raise ApiError(400, f"option seed must be between 0 and 2**63 - 1, got {value}", "seed")
     return float(value) if float in types else value
 
 
@@ -106,7 +118,7 @@ def _from_text(text: str, types: tuple):
     return text
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
     """repr(value), cut: an error message quotes what it refuses without echoing a megabyte back."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
@@ -144,15 +156,22 @@ class Server:
             raise ValueError(f"max_batch_size must be >= 1 and max_wait_ms >= 0, got {max_batch_size} and "
                              f"{max_wait_ms}")
         self.model, self.processor, self.limits = model, processor, limits
+        self.model_name = getattr(model, "name_or_path", None) or "florence2"  # the checkpoint as it was given
+        self.started = int(time.time())
         self.batcher = Batcher(self.run, max_batch_size, max_wait_ms / 1000)
         self.pool = concurrent.futures.ThreadPoolExecutor(PREPROCESS_THREADS, thread_name_prefix="preprocess")
 
     def check_request(self, task, text, options: dict, from_form: bool) -> tuple[str, str | None, dict]:
         """The task, its text and the resolved generation options of a request, or ApiError naming the problem."""
+        task, text = self.check_task(task, text)
+        return task, text, self.check_options(options, from_form)
+
+    def check_task(self, task, text) -> tuple[str, str | None]:
+        """The task and its text (None: no text), or ApiError naming the problem."""
         if task is None:
             raise ApiError(400, f"task is missing: one of {', '.join(SERVED_TASKS)}")
         if task not in SERVED_TASKS:
-            raise ApiError(400, f"unknown task {_short(task)}: {task_hint(task, SERVED_TASKS)}one of "
+            raise ApiError(400, f"unknown task {short_repr(task)}: {task_hint(task, SERVED_TASKS)}one of "
                                 f"{', '.join(SERVED_TASKS)}")
         if text is not None and not isinstance(text, str):
             raise ApiError(400, f"text must be a string, got {type(text).__name__}")
@@ -162,20 +181,38 @@ class Server:
         if text is None and task not in TASKS_WITHOUT_INPUT:
             raise ApiError(400, f"task {task} needs text: {wanted_text(task)}")
         if text is not None:
-            try:  # a task token inside the text ("<DocVQA>" + "<OD>") is refused by the processor
-                self.processor.construct_prompt(task + text)
-            except ValueError as e:
-                raise ApiError(400, f"bad text: {e}") from None
-            try:
-                check_prompt(self.model.config, self.processor, task + text)
-            except ValueError as e:
-                raise ApiError(400, f"the text is too long: {e}") from None
-        values = {name: parse_option(name, value, from_form) for name, value in options.items()}
+            self.check_prompt(task + text)
+        return task, text
+
+    def check_prompt(self, prompt: str) -> None:
+        """ApiError for a prompt the processor refuses (a task token inside the text: "<DocVQA>" + "<OD>") or
+        longer than the model reads."""
+        try:
+            self.processor.construct_prompt(prompt)
+        except ValueError as e:
+            raise ApiError(400, f"bad text: {e}") from None
+        try:
+            check_prompt(self.model.config, self.processor, prompt)
+        except ValueError as e:
+            raise ApiError(400, f"the text is too long: {e}") from None
+
+    def check_options(self, options: dict, from_form: bool, fields: dict | None = None) -> dict:
+        """Every generation option of a request (the given ones, the checkpoint's defaults for the others), or
+        ApiError naming the problem; `fields` names the options the request gave other names (max_tokens is
+        max_new_tokens)."""
+        fields = fields or {}
+        values = {name: parse_option(name, value, from_form, fields.get(name)) for name, value in options.items()}
         values = {name: value for name, value in values.items() if value is not NOT_GIVEN}
+        return self.resolve_options(values, fields)
+
+    def resolve_options(self, values: dict, fields: dict | None = None) -> dict:
+        """check_options of options already typed (by parse_option)."""
+        fields = fields or {}
         try:
             resolved = GenerateOptions.from_model(self.model.config, **values)
         except (TypeError, ValueError) as e:
-            raise ApiError(400, f"bad generation options: {e}") from None
+            renamed = "".join(f" ({field} is generate's {name})" for name, field in fields.items() if name in str(e))
+            raise ApiError(400, f"bad generation options: {e}{renamed}") from None
         if resolved.num_beams > self.limits.max_num_beams:
             raise ApiError(400, f"num_beams {resolved.num_beams} is more than this server's limit of "
                                 f"{self.limits.max_num_beams}")
@@ -186,7 +223,7 @@ class Server:
         if "length_penalty" in values and abs(resolved.length_penalty) > MAX_LENGTH_PENALTY:
             raise ApiError(400, f"length_penalty {resolved.length_penalty} is outside [-{MAX_LENGTH_PENALTY}, "
                                 f"{MAX_LENGTH_PENALTY}], where beam scores stay finite")
-        return task, text, {k: v for k, v in dataclasses.asdict(resolved).items() if k in REQUEST_OPTIONS}
+        return {k: v for k, v in dataclasses.asdict(resolved).items() if k in REQUEST_OPTIONS}
 
     @staticmethod
     def batch_key(options: dict):
@@ -194,25 +231,28 @@ class Server:
         of its generator would depend on the batch)."""
         return object() if options["do_sample"] else tuple(sorted(options.items()))
 
-    def prepare(self, data: bytes, task: str, text: str | None, options: dict, key) -> Job:
-        """Decode and preprocess (in a pool thread): the Job the batcher runs."""
+    def prepare(self, data: bytes, prompt: str, task: str, options: dict, key) -> Job:
+        """Decode and preprocess (in a pool thread): the Job the batcher runs, whose answer is parsed as `task`'s."""
         image = read_image(data, self.limits.max_image_pixels)
-        inputs = self.processor(text=task + (text or ""), images=image)
+        inputs = self.processor(text=prompt, images=image)
         return Job(task, image.size, inputs, options, key)
 
-    def run(self, jobs: list[Job]) -> list[dict]:
-        """The answers of jobs that share their options, from one generate call."""
-        return generate_answers(self.model, self.processor, collate([j.inputs for j in jobs]),
-                                [j.task for j in jobs], [j.image_size for j in jobs], **jobs[0].options)
+    def run(self, jobs: list[Job]) -> list[list[Answer]]:
+        """The answers of jobs that share their options (num_return_sequences of them each), from one generate
+        call."""
+        answers = [Answer(result, tokens) for result, tokens in generate_answers_and_tokens(
+            self.model, self.processor, collate([j.inputs for j in jobs]), [j.task for j in jobs],
+            [j.image_size for j in jobs], **jobs[0].options)]
+        copies = jobs[0].options.get("num_return_sequences", 1)
+        return [answers[i * copies:(i + 1) * copies] for i in range(len(jobs))]
 
     def health(self) -> dict:
         weight = self.model.image_projection.weight
-        return {"status": "ok", "model": getattr(self.model, "name_or_path", None), "device": str(weight.device),
+        return {"status": "ok", "model": self.model_name, "device": str(weight.device),
                 "dtype": str(weight.dtype).removeprefix("torch."), "max_batch_size": self.batcher.max_batch_size,
                 "max_wait_ms": self.batcher.max_wait * 1000, "tasks": list(SERVED_TASKS),
                 "tasks_with_text": [t for t in SERVED_TASKS if t not in TASKS_WITHOUT_INPUT],
                 "limits": dataclasses.asdict(self.limits), "served": dict(self.batcher.served)}
-
 
 
 def decode_base64_image(text: str) -> bytes:
@@ -231,3 +271,41 @@ def decode_base64_image(text: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, f"the image is not valid base64: {e}") from None
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be larger than `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared)} bytes, more than the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def load_json(body: bytes):
+    """The JSON value of a request body, or ApiError.
+
+    json.loads raises more than JSONDecodeError on hostile bodies: ValueError for an integer of more than 4300
+    digits, RecursionError for arrays nested some thousand deep; each is the client's mistake, a 400."""
+    try:
+        return json.loads(body, object_pairs_hook=_no_duplicates)
+    except ApiError:
+        raise
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the body is not JSON: {str(e)[:200]}") from None
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """A JSON object, refused when it names a field twice (json.loads would keep the last silently; a form field
+    given twice is refused too)."""
+    fields = {}
+    for name, value in pairs:
+        if name in fields:
+            raise ApiError(400, f"field {name} is given twice")
+        fields[name] = value
+    return fields
