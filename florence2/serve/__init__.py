@@ -9,6 +9,10 @@
                       -> {"task": "<OD>", "result": {"<OD>": {...}}}, exactly what Florence2.predict returns
     GET  /health      the model, its device, the tasks and the limits (HEAD too)
     GET  /            a page (no external resources) to upload an image and see the result drawn on it
+    POST /v1/chat/completions, GET /v1/models
+                      OpenAI-compatible (the openai client, LangChain, LiteLLM, ...): one user message with one
+                      image_url part (a data: URL) and the task token, optionally followed by its text; see
+                      openai_routes and docs/openai.md
 
 Options are read as clients send them (`parse_option`): booleans as true/false, 1/0, yes/no or on/off, numbers as
 text in JSON too, and an empty field (or a JSON null) is the default.
@@ -18,10 +22,10 @@ Requests that arrive together with the same generation settings are gathered int
 each gets exactly what it would get alone (`predict.generate_answers` is the one path from inputs to answers).
 Sampling requests run alone: the draws of a seeded generator would otherwise depend on the batch.
 
-Bad input is answered with a 4xx and {"error": "..."} that names the problem (the body or the image too large,
-an unreadable image, an unknown task, text for a task that takes none, a prompt too long, a bad option) and never
-reaches the model. Images come only as bytes in the request: the server fetches nothing. It keeps no state between
-requests, so replicas behind a load balancer need no coordination.
+Bad input is answered with a 4xx and {"error": "..."} (OpenAI's error shape on its routes) that names the problem
+(the body or the image too large, an unreadable image, an unknown task, text for a task that takes none, a prompt
+too long, a bad option) and never reaches the model. Images come only as bytes in the request: the server fetches
+nothing. It keeps no state between requests, so replicas behind a load balancer need no coordination.
 """
 
 from .app import create_app, json_fields
