@@ -68,23 +68,35 @@ def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: li
     its own task and (width, height) of its original image; rows of several tasks may share a batch (detection
     scores are computed for the rows that report them).
     """
+    return [answer for answer, _ in generate_answers_and_tokens(model, processor, inputs, tasks, image_sizes,
+                                                                kernels=kernels, **generate_options)]
+
+
+@torch.no_grad()
+def generate_answers_and_tokens(model, processor, inputs, tasks: list[str], image_sizes: list[tuple[int, int]], *,
+                                kernels: bool | None = None, **generate_options) -> list[tuple[dict, list[int]]]:
+    """generate_answers, with the generated token ids of each answer (the start token left out, through the first
+    end token): num_return_sequences answers per row, a row's together (what the server counts and streams)."""
     dtype = model.image_projection.weight.dtype
     inputs = inputs.to(model.image_projection.weight.device, dtype)
     scored = any(parse_type(task) in SCORED_PARSE_TYPES for task in tasks)
     out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
     sequences = out.sequences if scored else out
+    copies = generate_options.get("num_return_sequences", 1)
     eos = model.config.text.eos_token_id
     results = []
-    for i, (task, size, sequence) in enumerate(zip(tasks, image_sizes, sequences)):
+    for i, sequence in enumerate(sequences):
+        task, size = tasks[i // copies], image_sizes[i // copies]
         # a batch pads the rows that ended early: what a row gives alone ends at its first end token
         ends = (sequence[1:] == eos).nonzero()
         sequence = sequence[:int(ends[0]) + 2] if len(ends) else sequence
         if parse_type(task) in SCORED_PARSE_TYPES:
-            results.append(processor.post_process_generation(task=task, image_size=size, sequence=sequence,
-                                                             transition_scores=out.scores[i, :len(sequence) - 1]))
+            answer = processor.post_process_generation(task=task, image_size=size, sequence=sequence,
+                                                       transition_scores=out.scores[i, :len(sequence) - 1])
         else:
             text_out = processor.decode(sequence, skip_special_tokens=False)
-            results.append(processor.post_process_generation(text_out, task=task, image_size=size))
+            answer = processor.post_process_generation(text_out, task=task, image_size=size)
+        results.append((answer, sequence[1:].tolist()))
     return results
 
 

@@ -13,6 +13,7 @@ Same config (base, or large with --size large), same random weights (ours conver
   beam      the same with 3 beams
   serve1    ours: python -m florence2.serve (a subprocess, --max-batch-size 8) answering one client's requests;
   serve8    ... eight clients' at once (dynamic batching)
+  chat8     ... eight clients' through the OpenAI-compatible POST /v1/chat/completions (JSON, a data: URL image)
   batch     ours: python -m florence2 predict over a folder (batch 8, a DataLoader worker)
             the three against transformers' generate looped one image at a time, on the same images: <OD> on
             1024x768 JPEGs (decoded and preprocessed in the timing), 3 beams, exactly --throughput-tokens new tokens
@@ -58,9 +59,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("ours", "transformers")
-TASKS = ("forward", "train", "frozen", "cached", "greedy", "beam", "serve1", "serve8", "batch")
+TASKS = ("forward", "train", "frozen", "cached", "greedy", "beam", "serve1", "serve8", "chat8", "batch")
 GROUPS = {"forward": "infer", "greedy": "infer", "beam": "infer", "train": "train", "frozen": "frozen",
-          "cached": "frozen", "serve1": "throughput", "serve8": "throughput",
+          "cached": "frozen", "serve1": "throughput", "serve8": "throughput", "chat8": "throughput",
           "batch": "throughput"}  # tasks that share a child process
 GOALS = {"train": 0.75, "frozen": 0.75, "beam": 0.6, "memory": 0.9, "peak_fraction": 0.8,
          "serve8": 0.5}  # serve8: half the seconds per image of transformers' loop, twice its images/s
@@ -422,8 +423,9 @@ def run_child(impl: str, group: str, args) -> dict:
 # ------------------------------------------------------------------------------- child: serving and batch throughput
 THROUGHPUT_TASK = "<OD>"
 THROUGHPUT_BEAMS = 3  # the checkpoints' default
-SERVE_CLIENTS = {"serve1": 1, "serve8": 8}
-THROUGHPUT_IMAGES = {"serve1": 2, "serve8": 16, "batch": 16, "loop": 2}  # per timed repetition
+SERVE_CLIENTS = {"serve1": 1, "serve8": 8, "chat8": 8}
+CHAT_TASKS = ("chat8",)  # through POST /v1/chat/completions
+THROUGHPUT_IMAGES = {"serve1": 2, "serve8": 16, "chat8": 16, "batch": 16, "loop": 2}  # per timed repetition
 LOOP = "loop"  # transformers' side of the three: its generate, one image at a time
 
 
@@ -551,19 +553,30 @@ class ServerProcess:
             self.process.kill()
 
 
-def serve_fn(url: str, images: list[bytes], clients: int, args):
+def serve_fn(url: str, images: list[bytes], clients: int, args, chat: bool = False):
     """fn(requests) -> (requests, seconds): `clients` threads posting the images in turn, each waiting for its
-    answer before it sends the next."""
+    answer before it sends the next; to /v1/predict as a form, or with `chat` to /v1/chat/completions as the
+    openai client sends them (JSON, the image a base64 data: URL, the package's options beside OpenAI's)."""
+    import base64
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     fields = {"task": THROUGHPUT_TASK, **{k: str(v) for k, v in throughput_options(args).items()}}
     client = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=clients))
+    model = client.get("/v1/models").json()["data"][0]["id"] if chat else None
+    options = dict(throughput_options(args))
+    chat_options = {"max_tokens": options.pop("max_new_tokens"), **options}
 
     def one(i: int) -> None:
-        response = client.post("/v1/predict", files={"image": ("image.jpg", images[i % len(images)], "image/jpeg")},
-                               data=fields)
+        image = images[i % len(images)]
+        if chat:
+            url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": THROUGHPUT_TASK}]
+            response = client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": content}], **chat_options})
+        else:
+            response = client.post("/v1/predict", files={"image": ("image.jpg", image, "image/jpeg")}, data=fields)
         if response.status_code != 200:
             raise RuntimeError(f"the server answered {response.status_code}: {response.text}")
 
@@ -616,7 +629,7 @@ def run_throughput(impl: str, args, tasks: list[str]) -> dict:
                 server.wait()
                 payloads = [p.read_bytes() for p in images]
                 for task in serving:
-                    fn = serve_fn(server.url, payloads, SERVE_CLIENTS[task], args)
+                    fn = serve_fn(server.url, payloads, SERVE_CLIENTS[task], args, chat=task in CHAT_TASKS)
                     before = server.served()
                     result[task] = measure_rate(functools.partial(fn, THROUGHPUT_IMAGES[task]), args, args.reps,
                                                 warm_up=functools.partial(fn, SERVE_CLIENTS[task]))
@@ -701,9 +714,10 @@ def summarize(report: dict, args) -> list[dict]:
               "frozen": "frozen-vision step (s)", "cached": "frozen step, cached features (s) [1]",
               "greedy": f"greedy, {args.new_tokens} tokens (s)", "beam": f"beam 3, {args.new_tokens} tokens (s)",
               "serve1": "server, 1 client (s/image) [2]", "serve8": "server, 8 clients (s/image) [2]",
+              "chat8": "server, 8 clients, chat completions (s/image) [2]",
               "batch": "batch prediction (s/image) [2]"}
     # what transformers' column shows for the tasks it has no counterpart of
-    counterpart = {"cached": "frozen", "serve1": LOOP, "serve8": LOOP, "batch": LOOP}
+    counterpart = {"cached": "frozen", "serve1": LOOP, "serve8": LOOP, "chat8": LOOP, "batch": LOOP}
     tasks = [t for t in args.tasks if t != ONNX_TASK]
     for task in tasks:
         ours = median("ours", task)
@@ -828,7 +842,7 @@ def parse(argv=None):
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--throughput-tokens", type=int, default=48, help="new tokens per image of serve1/serve8/batch")
+    p.add_argument("--throughput-tokens", type=int, default=48, help="new tokens per image of the throughput tasks")
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated subset of {','.join(TASKS)}; {ONNX_TASK}: the ONNX export (not by default)")
     p.add_argument("--rounds", type=int, default=1,
