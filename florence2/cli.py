@@ -34,3 +34,37 @@ def report(prog: str, error: BaseException) -> int:
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 1
+
+
+def add_slice_arguments(p: argparse.ArgumentParser) -> None:
+    """--slice and --slice-overlap: read large pages in overlapping slices (florence2.sahi)."""
+    from .slicing import parse_slice
+
+    def slice_size(text: str) -> tuple[int, int]:
+        try:
+            return parse_slice(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--slice", type=slice_size, default=None, metavar="S|HxW",
+                   help="read the image in slices of this size in pixels, merged back (needs sahi)")
+    p.add_argument("--slice-overlap", type=float, default=None, metavar="R",
+                   help="share of a slice its neighbours also cover, in [0, 1) (default 0.2)")
+
+
+def check_slice_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of the slice flags: an overlap outside [0, 1) or without --slice, a task slicing cannot
+    serve; the default overlap filled in."""
+    from .slicing import DEFAULT_OVERLAP, check_overlap, slice_refusal
+
+    if args.slice is None:
+        if args.slice_overlap is not None:
+            p.error("--slice-overlap needs --slice")
+        return
+    try:
+        args.slice_overlap = check_overlap(DEFAULT_OVERLAP if args.slice_overlap is None else args.slice_overlap)
+    except ValueError as e:
+        p.error(str(e))
+    refusal = slice_refusal(args.task)
+    if refusal is not None:
+        p.error(refusal)
