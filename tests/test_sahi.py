@@ -136,6 +136,20 @@ def test_car_boxes_and_scores_are_predicts(tmp_path, one_thread):
     assert p.category.name == "car"
 
 
+@pytest.mark.parametrize("task, text", [("<OPEN_VOCABULARY_DETECTION>", "car"),
+                                        ("<CAPTION_TO_PHRASE_GROUNDING>", "a car in the street")])
+def test_tasks_with_text_get_scores_that_predict_leaves_out(task, text, tmp_path, one_thread):
+    model = Florence2.from_pretrained(answering_model(tmp_path / "car", CAR))
+    image = Image.new("RGB", (640, 480), "white")
+    answer = model.predict(image, task, text=text)[task]
+    assert "scores" not in answer and "bboxes_scores" not in answer  # the original scores <OD> and dense captions
+    detector = Florence2DetectionModel(model=model, task=task, text=text, device="cpu")
+    (p,) = sahi_predict.get_prediction(image, detector).object_prediction_list
+    assert (p.category.name, p.bbox.to_xyxy()) == ("car", answer["bboxes"][0]) and p.score.value > 0.99
+    sliced = answer_of([p], task)
+    assert sliced["bboxes"] == answer["bboxes"] and set(answer) <= set(sliced)  # the task's keys, and scores
+
+
 def test_polygons_are_masks(tmp_path, one_thread):
     polygon = "<loc_100><loc_110><loc_600><loc_120><loc_500><loc_700>"
     model = Florence2.from_pretrained(answering_model(tmp_path / "poly", polygon))
