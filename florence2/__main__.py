@@ -1,5 +1,5 @@
 """python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]
-                          [--slice 768 [--slice-overlap 0.2]]
+                          [--slice 768 [--slice-overlap 0.2] [--slice-only]]
 
 python -m florence2 predict INPUT... --task TASK --output OUT ...: batch prediction (florence2/batch.py).
 
@@ -75,7 +75,7 @@ def run(args) -> int:
         from .sahi import sliced_answer
 
         result = sliced_answer(model, image, args.task, args.text, args.slice, args.slice_overlap,
-                               processor=processor, **options)
+                               whole_page=not args.slice_only, processor=processor, **options)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

@@ -23,9 +23,9 @@ with "text" when the input has one and "index" for dataset rows. A run started a
 the inputs it holds (an input is its image and its text; an input listed twice is predicted twice), so a run
 stopped anywhere, even by SIGKILL, loses at most the batch in flight. Under torchrun each rank predicts its share of
 what is left into OUT.part-RANK and rank 0 merges the parts into OUT at the end, in the order of the inputs.
-With --slice S (and --slice-overlap R) each image is read in overlapping slices through SAHI and the answers
-merged back (florence2.sahi: boxes and polygons by SAHI's merge, OCR lines each once), --batch-size slices per
-generate call; the lines and the COCO file are as without it.
+With --slice S (and --slice-overlap R, --slice-only) each image is read in overlapping slices through SAHI and the
+answers merged back (florence2.sahi: boxes and polygons by SAHI's merge, OCR lines each once), --batch-size slices
+per generate call; the lines and the COCO file are as without it.
 With --format coco the JSONL goes beside OUT (OUT with the suffix .jsonl) and OUT becomes a COCO file (images,
 categories from the labels, annotations with their scores), which pycocotools, FiftyOne and CVAT read.
 """
@@ -674,7 +674,8 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
                 from .sahi import sliced_answer
 
                 answers = [sliced_answer(model, image, task, item.text, args.slice, args.slice_overlap,
-                                         processor=processor, batch_size=args.batch_size, **options)
+                                         whole_page=not args.slice_only, processor=processor,
+                                         batch_size=args.batch_size, **options)
                            for item, _, image, _ in good]
             elif good:
                 answers = generate_answers(model, processor, collate([row[2] for row in good]), [task] * len(good),

@@ -50,16 +50,19 @@ def add_slice_arguments(p: argparse.ArgumentParser) -> None:
                    help="read the image in slices of this size in pixels, merged back (needs sahi)")
     p.add_argument("--slice-overlap", type=float, default=None, metavar="R",
                    help="share of a slice its neighbours also cover, in [0, 1) (default 0.2)")
+    p.add_argument("--slice-only", action="store_true",
+                   help="merge the slices' boxes only, without those of the whole page read once more (SAHI's "
+                        "no_standard_prediction)")
 
 
 def check_slice_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors of the slice flags: an overlap outside [0, 1) or without --slice, a task slicing cannot
-    serve; the default overlap filled in."""
+    """Usage errors of the slice flags: an overlap outside [0, 1), --slice-overlap or --slice-only without --slice,
+    a task slicing cannot serve; the default overlap filled in."""
     from .slicing import DEFAULT_OVERLAP, check_overlap, slice_refusal
 
     if args.slice is None:
-        if args.slice_overlap is not None:
-            p.error("--slice-overlap needs --slice")
+        if args.slice_overlap is not None or args.slice_only:
+            p.error(f"{'--slice-overlap' if args.slice_overlap is not None else '--slice-only'} needs --slice")
         return
     try:
         args.slice_overlap = check_overlap(DEFAULT_OVERLAP if args.slice_overlap is None else args.slice_overlap)

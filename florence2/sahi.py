@@ -25,8 +25,8 @@ own models drop them.
 
 `sliced_answer` is the command lines' path (`python -m florence2 IMAGE --slice 768`, `python -m florence2 predict
 --slice 768`): the task's usual answer for a page read in slices, boxes merged by SAHI (GREEDYNMM over the
-intersection over the smaller box, as SAHI does by default, with the whole page also read), and OCR lines merged by
-florence2.slicing.
+intersection over the smaller box, as SAHI does by default, with the whole page also read unless --slice-only), and
+OCR lines merged by florence2.slicing.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ SLICE_BATCH_SIZE = 8  # slices per generate call of the single-image command lin
 # The merge of the command lines: SAHI's defaults (get_sliced_prediction's), kept whatever the threshold (SAHI
 # switches to NMS below a confidence of 0.1, and the command lines keep every box, as unsliced prediction does).
 MERGE = {"postprocess_type": "GREEDYNMM", "postprocess_match_metric": "IOS", "postprocess_match_threshold": 0.5,
-         "perform_standard_pred": True, "force_postprocess_type": True}
+         "force_postprocess_type": True}
 
 
 class Florence2DetectionModel(DetectionModel):
@@ -196,10 +196,12 @@ def _polygon_area(p: list[float]) -> float:
 
 # ------------------------------------------------------------------------------------- the command lines' path
 def sliced_answer(model, image: Image.Image, task: str, text: str | None, slice_size: tuple[int, int],
-                  overlap: float, *, processor=None, batch_size: int = SLICE_BATCH_SIZE, **generate_options) -> dict:
+                  overlap: float, *, whole_page: bool = True, processor=None, batch_size: int = SLICE_BATCH_SIZE,
+                  **generate_options) -> dict:
     """{task: answer} for `image` read in slices of `slice_size` (height, width) overlapping by `overlap`, in the
     task's usual shape (boxes with their scores, OCR quads, text). A page no larger than a slice is read whole, as
-    without slicing."""
+    without slicing. Boxes of the whole page read once more are merged with the slices' unless not `whole_page`
+    (OCR reads the slices only)."""
     refusal = slicing.slice_refusal(task)
     if refusal is not None:
         raise ValueError(refusal)
@@ -217,7 +219,7 @@ def sliced_answer(model, image: Image.Image, task: str, text: str | None, slice_
                                        **generate_options)
     result = get_sliced_prediction(image, detector, slice_height=slice_size[0], slice_width=slice_size[1],
                                    overlap_height_ratio=overlap, overlap_width_ratio=overlap, verbose=0,
-                                   batch_size=batch_size, **MERGE)
+                                   batch_size=batch_size, **{**MERGE, "perform_standard_pred": whole_page})
     return {task: answer_of(result.object_prediction_list, task)}
 
 

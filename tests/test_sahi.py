@@ -259,6 +259,13 @@ def test_the_command_line_slices_merges_and_draws(tmp_path, capsys, one_thread):
         assert box == pytest.approx(want_box, abs=1e-3)
     assert answer["labels"] == ["car"] * 5 and all(s > 0.99 for s in answer["scores"])
     assert Image.open(tmp_path / "drawn.png").size == (1200, 1600)
+    # the slices' boxes only
+    assert main([str(tmp_path / "page.png"), "--task", "<OD>", "--model", str(model_dir), "--device", "cpu",
+                 "--json", "--slice", "800x600", "--slice-overlap", "0", "--slice-only"]) == 0
+    only = json.loads(capsys.readouterr().out)["<OD>"]["bboxes"]
+    for box, want_box in zip(sorted(only), sorted(slice_box(bins, x, y) for x in (0, 600) for y in (0, 800)),
+                             strict=True):
+        assert box == pytest.approx(want_box, abs=1e-3)
 
 
 def test_batch_prediction_slices_too_and_writes_coco(tmp_path, one_thread):
@@ -270,14 +277,14 @@ def test_batch_prediction_slices_too_and_writes_coco(tmp_path, one_thread):
     out = tmp_path / "labels.json"
     assert main(["predict", str(folder), "--task", "<OD>", "--output", str(out), "--format", "coco", "--model",
                  str(model_dir), "--device", "cpu", "--num-workers", "0", "--slice", "800x600",
-                 "--slice-overlap", "0", "--batch-size", "4"]) == 0
+                 "--slice-overlap", "0", "--batch-size", "4", "--slice-only"]) == 0
     records = {r["image"]: r for r in map(json.loads, (tmp_path / "labels.jsonl").read_text().splitlines())}
     big, small = records[str(folder / "big.png")], records[str(folder / "small.png")]
-    assert len(big["result"]["<OD>"]["bboxes"]) == 5
+    assert len(big["result"]["<OD>"]["bboxes"]) == 4  # --slice-only: the four slices' boxes
     model = Florence2.from_pretrained(model_dir)
     assert small["result"] == json.loads(json.dumps(model.predict(Image.open(folder / "small.png"), "<OD>")))
     coco = json.loads(out.read_text())
-    assert len(coco["annotations"]) == 6 and coco["categories"][0]["name"] == "car"
+    assert len(coco["annotations"]) == 5 and coco["categories"][0]["name"] == "car"
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -286,6 +293,7 @@ def test_batch_prediction_slices_too_and_writes_coco(tmp_path, one_thread):
     (["--task", "<OD>", "--slice", "768", "--slice-overlap", "1"], "at least 0 and below 1"),
     (["--task", "<OD>", "--slice", "768", "--slice-overlap", "-0.1"], "at least 0 and below 1"),
     (["--task", "<OD>", "--slice-overlap", "0.3"], "--slice-overlap needs --slice"),
+    (["--task", "<OD>", "--slice-only"], "--slice-only needs --slice"),
     (["--task", "<CAPTION>", "--slice", "768"], "<CAPTION> answers about the whole image"),
     (["--task", "<DocVQA>", "--text", "Total?", "--slice", "768"], "<DocVQA> answers about the whole image"),
     (["--task", "<REGION_TO_CATEGORY>", "--text", "<loc_1><loc_2><loc_3><loc_4>", "--slice", "768"],

@@ -8,7 +8,7 @@ a 1200x1600 page, their regions moved with them. Each big page is answered
 - whole: `Florence2.predict` on the page (the model sees it at its image size, each demo page at a quarter of it);
 - sliced: `florence2.sahi.sliced_answer`, what `--slice` does on the command lines (SAHI's slices, the whole page
   also read, GREEDYNMM over IOS 0.5), once per overlap; and the same without the whole page's boxes
-  ("slices_only", SAHI's perform_standard_pred=False);
+  ("slices_only", --slice-only);
 and, for reference, each demo page alone (what the demo's own evaluation measures). mAP, mAP50 and mAP75 are
 pycocotools' through training/metrics.py's `coco_map`, the categories the ground truth's. Generation as the demo
 evaluates (greedy, at most 32 new tokens) unless told otherwise. Prints and writes one JSON object.
@@ -69,19 +69,6 @@ def score(answers: list[dict], truths: list[list], size: tuple[int, int]) -> dic
     return {name: round(found[name], 4) for name in ("map", "map50", "map75")}
 
 
-def slices_only(model, page: Image.Image, slice_size, overlap: float, batch_size: int, options: dict) -> dict:
-    """The sliced answer without the whole page's boxes among those merged (SAHI's perform_standard_pred=False)."""
-    from sahi.predict import get_sliced_prediction
-
-    from florence2.sahi import MERGE, Florence2DetectionModel, answer_of
-
-    detector = Florence2DetectionModel(model=model, task=TASK, device="cpu", confidence_threshold=0.0, **options)
-    found = get_sliced_prediction(page, detector, slice_height=slice_size[0], slice_width=slice_size[1],
-                                  overlap_height_ratio=overlap, overlap_width_ratio=overlap, verbose=0,
-                                  batch_size=batch_size, **{**MERGE, "perform_standard_pred": False})
-    return {TASK: answer_of(found.object_prediction_list, TASK)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the detection demo's checkpoint (RUN/best)")
@@ -120,7 +107,8 @@ def main(argv=None) -> int:
         answers = [sliced_answer(model, page, TASK, None, args.slice, overlap, batch_size=args.batch_size, **options)
                    for page in pages]
         result[f"sliced_overlap_{overlap}"] = score(answers, truths, (2 * width, 2 * height))
-        answers = [slices_only(model, page, args.slice, overlap, args.batch_size, options) for page in pages]
+        answers = [sliced_answer(model, page, TASK, None, args.slice, overlap, whole_page=False,
+                                 batch_size=args.batch_size, **options) for page in pages]
         result[f"sliced_overlap_{overlap}_slices_only"] = score(answers, truths, (2 * width, 2 * height))
     result["seconds"] = round(time.time() - started, 1)
     import sahi
