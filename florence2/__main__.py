@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import cli
+from . import cli, slicing
 
 
 def main(argv=None) -> int:
@@ -37,9 +37,9 @@ def main(argv=None) -> int:
                    help="read the image at this size (multiples of 32; default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
-    cli.add_slice_arguments(p)
+    slicing.add_arguments(p)
     args = p.parse_args(argv)
-    cli.check_slice_arguments(p, args)
+    slicing.check_arguments(p, args)
     try:
         return run(args)
     except cli.USER_ERRORS as e:

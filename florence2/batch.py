@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import cli
+from . import cli, slicing
 from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, parse_type
 from .predict import check_prompt, collate, generate_answers
 
@@ -733,7 +733,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
-    cli.add_slice_arguments(p)
+    slicing.add_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be at least 1 and --num-workers at least 0")
@@ -744,7 +744,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_task(args.task)
     except InputError as e:
         p.error(str(e))
-    cli.check_slice_arguments(p, args)
+    slicing.check_arguments(p, args)
     if args.output.is_dir():
         p.error(f"--output {args.output} is a folder: give a file in it, such as {args.output / 'results.jsonl'}")
     if args.text is not None and args.task in TASKS_WITHOUT_INPUT:

@@ -16,6 +16,7 @@ no sliced meaning and are refused (`slice_refusal`).
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,41 @@ def check_overlap(overlap: float) -> float:
     if not 0 <= overlap < 1:  # also refuses nan
         raise ValueError(f"--slice-overlap {overlap}: the overlap is a share of the slice, at least 0 and below 1")
     return overlap
+
+
+# ------------------------------------------------------------------------------------------------- the flags
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--slice, --slice-overlap and --slice-only of both command lines (florence2.sahi does the slicing)."""
+
+    def slice_size(text: str) -> tuple[int, int]:
+        try:
+            return parse_slice(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--slice", type=slice_size, default=None, metavar="S|HxW",
+                   help="read the image in slices of this size in pixels, merged back (needs sahi)")
+    p.add_argument("--slice-overlap", type=float, default=None, metavar="R",
+                   help="share of a slice its neighbours also cover, in [0, 1) (default 0.2)")
+    p.add_argument("--slice-only", action="store_true",
+                   help="merge the slices' boxes only, without those of the whole page read once more (SAHI's "
+                        "no_standard_prediction)")
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of the slice flags: an overlap outside [0, 1), --slice-overlap or --slice-only without --slice,
+    a task slicing cannot serve; the default overlap filled in."""
+    if args.slice is None:
+        if args.slice_overlap is not None or args.slice_only:
+            p.error(f"{'--slice-overlap' if args.slice_overlap is not None else '--slice-only'} needs --slice")
+        return
+    try:
+        args.slice_overlap = check_overlap(DEFAULT_OVERLAP if args.slice_overlap is None else args.slice_overlap)
+    except ValueError as e:
+        p.error(str(e))
+    refusal = slice_refusal(args.task)
+    if refusal is not None:
+        p.error(refusal)
 
 
 # ------------------------------------------------------------------------------------------------- OCR lines
