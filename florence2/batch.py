@@ -54,14 +54,13 @@ import torch
 from PIL import Image
 
 from . import cli, slicing
-from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, parse_type
+from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, UNLABELLED, parse_type
 from .predict import check_prompt, collate, generate_answers
 
 FORMATS = ("jsonl", "coco")
 # Parse types whose answers have regions (COCO annotations); the others are text.
 REGION_PARSE_TYPES = ("ocr", "description_with_bboxes", "bboxes", "phrase_grounding", "polygons",
                       "description_with_bboxes_or_polygons")
-UNLABELLED = "region"  # the COCO category of regions without a label (<REGION_PROPOSAL>, segmentations)
 OCR_CATEGORY = "text"  # <OCR_WITH_REGION>: one category, the words go in each annotation's attributes
 QUESTION_TASKS = ("<DocVQA>", "<VQA>")  # answered as text, like fine-tunes on DocVQA (the blog's prompt)
 KNOWN_TASKS = TASKS + QUESTION_TASKS

@@ -45,8 +45,7 @@ except ImportError:
     raise ImportError('sliced prediction needs the sahi package: pip install -e ".[sahi]"') from None
 
 from . import slicing
-from .batch import UNLABELLED
-from .postprocess import TASKS_WITH_INPUT, parse_type
+from .postprocess import TASKS_WITH_INPUT, UNLABELLED, parse_type
 from .predict import default_processor, generate_answers, predict
 
 MASK_PARSE_TYPES = ("polygons", "description_with_bboxes_or_polygons")  # answers that may be polygons
