@@ -110,6 +110,25 @@ def test_get_prediction_on_a_whole_image_is_predict(boxes_model, four_pages, one
     assert kept == [g for g in got if g[2] >= cut] and 0 < len(kept) < len(got)
 
 
+def test_a_checkpoint_folder_and_an_image_size(boxes_model, four_pages, tmp_path, one_thread):
+    from florence2.image_size import processor_at
+    from florence2.predict import default_processor
+
+    page, _ = four_pages
+    folder = tmp_path / "saved"
+    boxes_model.save_pretrained(folder)
+    default_processor(boxes_model).save_pretrained(folder)
+    detector = Florence2DetectionModel(model_path=str(folder), device="cpu", dtype="float32",
+                                       confidence_threshold=0.0, image_size=64, max_new_tokens=20)
+    got = as_tuples(sahi_predict.get_prediction(page, detector).object_prediction_list)
+    at_64 = processor_at(boxes_model, default_processor(boxes_model), (64, 64))
+    answer = boxes_model.predict(page, "<OD>", processor=at_64, max_new_tokens=20)["<OD>"]
+    assert len(got) > 1 and got == sorted(expected_regions(answer))
+    assert got != as_tuples(sahi_predict.get_prediction(  # the checkpoint's own 128 px reads otherwise
+        page, Florence2DetectionModel(model=boxes_model, device="cpu", confidence_threshold=0.0,
+                                      max_new_tokens=20)).object_prediction_list)
+
+
 def test_categories_are_stable_or_the_users(tmp_path, one_thread):
     model = Florence2.from_pretrained(answering_model(tmp_path / "two", TWO))
     image = Image.new("RGB", (400, 300), "white")
@@ -125,6 +144,12 @@ def test_categories_are_stable_or_the_users(tmp_path, one_thread):
     found = sahi_predict.get_prediction(image, mapped).object_prediction_list
     assert {p.category.name: p.category.id for p in found} == {"car": 4, "person": 3}
     assert mapped.category_mapping == {"3": "person", "4": "car"}
+    # SAHI's remapping of ids after inference
+    remapped = Florence2DetectionModel(model=model, task="<OD>", device="cpu",
+                                       category_mapping={"0": "car", "1": "person"},
+                                       category_remapping={"0": 7, "1": 8})
+    found = sahi_predict.get_prediction(image, remapped).object_prediction_list
+    assert {p.category.name: p.category.id for p in found} == {"car": 7, "person": 8}
 
 
 def test_car_boxes_and_scores_are_predicts(tmp_path, one_thread):
