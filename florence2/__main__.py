@@ -1,4 +1,5 @@
 """python -m florence2 IMAGE --task "<OD>" [--text ...] [--model PATH_OR_ID] [--json] [--draw out.png]
+                          [--slice 768 [--slice-overlap 0.2] [--slice-only]]
 
 python -m florence2 predict INPUT... --task TASK --output OUT ...: batch prediction (florence2/batch.py).
 
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import cli
+from . import cli, slicing
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,9 @@ def main(argv=None) -> int:
                    help="read the image at this size (multiples of 32; default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
+    slicing.add_arguments(p)
     args = p.parse_args(argv)
+    slicing.check_arguments(p, args)
     try:
         return run(args)
     except cli.USER_ERRORS as e:
@@ -52,6 +55,8 @@ def run(args) -> int:
     from .model import Florence2
     from .predict import default_processor
 
+    if args.slice is not None:
+        from . import sahi  # noqa: F401  (sahi missing: said before anything loads)
     if not args.image.is_file():
         raise FileNotFoundError(f"no image file at {args.image}")
     try:
@@ -64,7 +69,13 @@ def run(args) -> int:
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                if v is not None}
     processor = None if args.image_size is None else processor_at(model, default_processor(model), args.image_size)
-    result = model.predict(image, args.task, text=args.text, processor=processor, **options)
+    if args.slice is None:
+        result = model.predict(image, args.task, text=args.text, processor=processor, **options)
+    else:
+        from .sahi import sliced_answer
+
+        result = sliced_answer(model, image, args.task, args.text, args.slice, args.slice_overlap,
+                               whole_page=not args.slice_only, processor=processor, **options)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

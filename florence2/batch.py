@@ -23,6 +23,9 @@ with "text" when the input has one and "index" for dataset rows. A run started a
 the inputs it holds (an input is its image and its text; an input listed twice is predicted twice), so a run
 stopped anywhere, even by SIGKILL, loses at most the batch in flight. Under torchrun each rank predicts its share of
 what is left into OUT.part-RANK and rank 0 merges the parts into OUT at the end, in the order of the inputs.
+With --slice S (and --slice-overlap R, --slice-only) each image is read in overlapping slices through SAHI and the
+answers merged back (florence2.sahi: boxes and polygons by SAHI's merge, OCR lines each once), --batch-size slices
+per generate call; the lines and the COCO file are as without it.
 With --format coco the JSONL goes beside OUT (OUT with the suffix .jsonl) and OUT becomes a COCO file (images,
 categories from the labels, annotations with their scores), which pycocotools, FiftyOne and CVAT read.
 """
@@ -50,15 +53,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import cli
-from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, parse_type
+from . import cli, slicing
+from .postprocess import TASKS, TASKS_WITH_INPUT, TASKS_WITHOUT_INPUT, UNLABELLED, parse_type
 from .predict import check_prompt, collate, generate_answers
 
 FORMATS = ("jsonl", "coco")
 # Parse types whose answers have regions (COCO annotations); the others are text.
 REGION_PARSE_TYPES = ("ocr", "description_with_bboxes", "bboxes", "phrase_grounding", "polygons",
                       "description_with_bboxes_or_polygons")
-UNLABELLED = "region"  # the COCO category of regions without a label (<REGION_PROPOSAL>, segmentations)
 OCR_CATEGORY = "text"  # <OCR_WITH_REGION>: one category, the words go in each annotation's attributes
 QUESTION_TASKS = ("<DocVQA>", "<VQA>")  # answered as text, like fine-tunes on DocVQA (the blog's prompt)
 KNOWN_TASKS = TASKS + QUESTION_TASKS
@@ -335,8 +337,9 @@ def _looks_like_hub_id(source: str) -> bool:
 class _Prepared(torch.utils.data.Dataset):
     """DataLoader side: decode and preprocess one input; a failure is returned as its message, not raised."""
 
-    def __init__(self, inputs: Inputs, positions: list[int], config, processor, task: str):
+    def __init__(self, inputs: Inputs, positions: list[int], config, processor, task: str, sliced: bool = False):
         self.inputs, self.positions, self.config, self.processor, self.task = inputs, positions, config, processor, task
+        self.sliced = sliced  # the decoded image, for the main process to slice, instead of the model's inputs
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -350,7 +353,7 @@ class _Prepared(torch.utils.data.Dataset):
             prompt = self.task + (item.text or "")
             check_prompt(self.config, self.processor, prompt)
             image = self.inputs.load_image(item)
-            return item, image.size, self.processor(text=prompt, images=image), None
+            return item, image.size, image if self.sliced else self.processor(text=prompt, images=image), None
         except Exception as e:  # one bad input must not stop a run over a million
             return item, None, None, str(e)
 
@@ -658,14 +661,22 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
     options = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens")
                if getattr(args, name) is not None}
     task = args.task
-    loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, model.config, processor, task),
+    sliced = args.slice is not None
+    loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, model.config, processor, task, sliced),
                                          batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
     started = time.perf_counter()
     with tqdm(total=len(positions), unit="img", disable=not show, dynamic_ncols=True) as bar:
         for rows in loader:
             good = [row for row in rows if row[3] is None]
             answers = []
-            if good:
+            if good and sliced:
+                from .sahi import sliced_answer
+
+                answers = [sliced_answer(model, image, task, item.text, args.slice, args.slice_overlap,
+                                         whole_page=not args.slice_only, processor=processor,
+                                         batch_size=args.batch_size, **options)
+                           for item, _, image, _ in good]
+            elif good:
                 answers = generate_answers(model, processor, collate([row[2] for row in good]), [task] * len(good),
                                            [row[1] for row in good], **options)
             answers = iter(answers)
@@ -721,6 +732,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
+    slicing.add_arguments(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         p.error("--batch-size must be at least 1 and --num-workers at least 0")
@@ -731,6 +743,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_task(args.task)
     except InputError as e:
         p.error(str(e))
+    slicing.check_arguments(p, args)
     if args.output.is_dir():
         p.error(f"--output {args.output} is a folder: give a file in it, such as {args.output / 'results.jsonl'}")
     if args.text is not None and args.task in TASKS_WITHOUT_INPUT:
@@ -747,6 +760,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.slice is not None:
+            from . import sahi  # noqa: F401  (sahi missing: said before anything loads)
         counts = run(args)
     except InputError as e:
         args.parser.error(str(e))

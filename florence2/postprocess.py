@@ -79,6 +79,8 @@ PARSE_TYPES = {
     "<REGION_PROPOSAL>": "bboxes",
 }
 TASKS = tuple(PARSE_TYPES)  # every task token the model was trained on
+# The category of regions without a label (<REGION_PROPOSAL>, segmentations) where one is needed: COCO files, SAHI.
+UNLABELLED = "region"
 
 NUM_BINS = 1000  # <loc_0> .. <loc_999> along each side
 

@@ -61,25 +61,29 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
 
 @torch.no_grad()
 def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: list[tuple[int, int]], *,
-                     kernels: bool | None = None, **generate_options) -> list[dict]:
+                     kernels: bool | None = None, all_scores: bool = False, **generate_options) -> list[dict]:
     """The parsed answer ({task: answer}) of each row of a processed batch: generate, decode, post-process.
 
     The one path from model inputs to answers, shared by `predict`, batch prediction and the server. Each row has
     its own task and (width, height) of its original image; rows of several tasks may share a batch (detection
-    scores are computed for the rows that report them).
+    scores are computed for the rows that report them). `all_scores` adds them to every answer with coordinates,
+    which the original leaves unscored (<OPEN_VOCABULARY_DETECTION>, OCR quads, ...: the sliced path ranks them).
     """
     return [answer for answer, _ in generate_answers_and_tokens(model, processor, inputs, tasks, image_sizes,
-                                                                kernels=kernels, **generate_options)]
+                                                                kernels=kernels, all_scores=all_scores,
+                                                                **generate_options)]
 
 
 @torch.no_grad()
 def generate_answers_and_tokens(model, processor, inputs, tasks: list[str], image_sizes: list[tuple[int, int]], *,
-                                kernels: bool | None = None, **generate_options) -> list[tuple[dict, list[int]]]:
+                                kernels: bool | None = None, all_scores: bool = False,
+                                **generate_options) -> list[tuple[dict, list[int]]]:
     """generate_answers, with the generated token ids of each answer (the start token left out, through the first
     end token): num_return_sequences answers per row, a row's together (what the server counts and streams)."""
     dtype = model.image_projection.weight.dtype
     inputs = inputs.to(model.image_projection.weight.device, dtype)
-    scored = any(parse_type(task) in SCORED_PARSE_TYPES for task in tasks)
+    scoring = [all_scores or parse_type(task) in SCORED_PARSE_TYPES for task in tasks]
+    scored = any(scoring)
     out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
     sequences = out.sequences if scored else out
     copies = generate_options.get("num_return_sequences", 1)
@@ -90,7 +94,7 @@ def generate_answers_and_tokens(model, processor, inputs, tasks: list[str], imag
         # a batch pads the rows that ended early: what a row gives alone ends at its first end token
         ends = (sequence[1:] == eos).nonzero()
         sequence = sequence[:int(ends[0]) + 2] if len(ends) else sequence
-        if parse_type(task) in SCORED_PARSE_TYPES:
+        if scoring[i // copies]:
             answer = processor.post_process_generation(task=task, image_size=size, sequence=sequence,
                                                        transition_scores=out.scores[i, :len(sequence) - 1])
         else:
