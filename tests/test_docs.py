@@ -33,7 +33,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from safetensors.torch import load_file, save_file
 
 from .conftest import BIAS, FIXTURES
@@ -45,8 +44,13 @@ DOC_FILES = [README, *sorted(DOCS.rglob("*.md"))]
 README_MAX_LINES = 200
 
 # the hub ids the blocks may load; each is the tiny checkpoint in the temporary cache
-DOC_REPOS = ("microsoft/Florence-2-base-ft", "microsoft/Florence-2-base", "microsoft/Florence-2-large-ft",
-             "microsoft/Florence-2-large", "HuggingFaceM4/Florence-2-DocVQA")
+DOC_REPOS = (
+    "microsoft/Florence-2-base-ft",
+    "microsoft/Florence-2-base",
+    "microsoft/Florence-2-large-ft",
+    "microsoft/Florence-2-large",
+    "HuggingFaceM4/Florence-2-DocVQA",
+)
 # the images the blocks open, from the tests' fixtures
 TEXT_POSITIONS = 1024
 EOS, EOS_BOOST = 2, 1.0
@@ -83,7 +87,7 @@ def code_blocks(path: Path) -> list[Block]:
         why = NOTEST.match(before)
         body, j = [], i + 1
         while j < len(lines) and not re.fullmatch(rf"[ \t]*{re.escape(fence[0])}{{{len(fence)},}}\s*", lines[j]):
-            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         blocks.append(Block(path, i + 2, opening["info"].lower(), "\n".join(body) + "\n", why and why["why"]))
         i = j + 1
@@ -102,9 +106,13 @@ def test_readme_is_at_most_200_lines():
 
 # ------------------------------------------------------------------------------------------------ the site
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
-                           "--site-dir", str(site)], capture_output=True, text=True, cwd=config.parent,
-                          env={**_env(), "NO_MKDOCS_2_WARNING": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        cwd=config.parent,
+        env={**_env(), "NO_MKDOCS_2_WARNING": "1"},
+    )
 
 
 def _env() -> dict[str, str]:
@@ -206,9 +214,18 @@ def write_adapter(folder: Path, checkpoint: Path) -> None:
         tensors[f"{module}.lora_B.weight"] = torch.randn(d, 4, generator=generator)
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none",
-        "base_model_name_or_path": "microsoft/Florence-2-base-ft"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 4,
+                "lora_alpha": 8,
+                "target_modules": ["q_proj"],
+                "bias": "none",
+                "base_model_name_or_path": "microsoft/Florence-2-base-ft",
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +301,8 @@ def shape_problems(value, shape: ast.expr, where: str = "") -> list[str]:
             return [f"{where or 'value'}: {len(items)} items expected, got {len(value)}"]
         if not items:
             return []
-        return [p for i, v in enumerate(value) for p in shape_problems(v, items[min(i, len(items) - 1)], f"{where}[{i}]")]
+        last = len(items) - 1
+        return [p for i, v in enumerate(value) for p in shape_problems(v, items[min(i, last)], f"{where}[{i}]")]
     raise AssertionError(f"cannot read the shape {ast.unparse(shape)}")
 
 
@@ -339,6 +357,21 @@ def test_blocks_that_do_not_run_say_why():
                 assert len(block.notest.split()) >= 3, f"{block.where}: say why it does not run"
 
 
+def test_blocks_are_read_with_their_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n<!-- notest: needs a CUDA device -->\n```python\nmodel.cuda()\n```\n\n"
+        '- a list item:\n\n  ```bash\n  python -m florence2 a.png --task "<OD>"\n  ```\n\n````text\n```\n````\n'
+    )
+    blocks = code_blocks(page)
+    assert [(b.lang, b.code, b.notest) for b in blocks] == [
+        ("python", "model.cuda()\n", "needs a CUDA device"),
+        ("bash", 'python -m florence2 a.png --task "<OD>"\n', None),
+        ("text", "```\n", None),
+    ]
+    assert blocks[0].line == 5
+
+
 def test_shapes_are_checked():
     """The comment checker accepts what the README promises and refuses what differs."""
     shape = shape_of("# {'<OD>': {'bboxes': [[x1, y1, x2, y2], ...], 'labels': [...]}}")
@@ -391,7 +424,7 @@ def ours(words: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     if words[0] == "torchrun":
         if "-m" not in words:
             return None
-        words = ["python", *words[words.index("-m"):]]
+        words = ["python", *words[words.index("-m") :]]
     if len(words) > 2 and words[1] == "-m" and re.fullmatch(r"(florence2|training)(\.\w+)*", words[2]):
         program, rest = ("-m", words[2]), words[3:]
         if words[2] == "florence2" and rest[:1] == ["predict"]:
@@ -431,17 +464,36 @@ def test_command_flags_exist():
     assert ("-m", "training.finetune") in programs and ("-m", "florence2", "predict") in programs  # the parser works
     with ThreadPoolExecutor(max_workers=2) as pool:
         helps = dict(zip(programs, pool.map(help_text, programs)))
-    problems = [f"{c.where}: {' '.join(c.program)} has no {flag}" for c in commands for flag in c.flags
-                if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[c.program])]
+    problems = missing_flags(commands, helps)
     assert not problems, "flags that the commands' --help does not list:\n" + "\n".join(problems)
+
+
+def missing_flags(commands: list[Command], helps: dict[tuple[str, ...], str]) -> list[str]:
+    return [
+        f"{c.where}: {' '.join(c.program)} has no {flag}"
+        for c in commands
+        for flag in c.flags
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[c.program])
+    ]
+
+
+def test_a_flag_the_help_does_not_list_is_found():
+    helps = {("-m", "training.evaluate"): "usage: ... [--split SPLIT] [--no-train-vision]\n  --output-dir OUTPUT_DIR"}
+    commands = commands_in("python -m training.evaluate --split test --output-dir o --outputdir p --train-vision", "x")
+    assert missing_flags(commands, helps) == [
+        "x: -m training.evaluate has no --outputdir",
+        "x: -m training.evaluate has no --train-vision",
+    ]
 
 
 def test_commands_are_parsed():
     """The block parser finds the commands a reader would type, and their flags."""
-    text = ('python -m florence2 predict photos/ --task "<OD>" \\\n    --output a.jsonl  # a comment --not-a-flag\n'
-            "torchrun --nproc_per_node=8 -m training.docvqa --output-dir runs/ddp\n"
-            "for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m florence2.serve --model m --port 800$i & done\n"
-            "pip install -e . && python tools/benchmark.py --tasks onnx; python -m pytest -q\n")
+    text = (
+        'python -m florence2 predict photos/ --task "<OD>" \\\n    --output a.jsonl  # a comment --not-a-flag\n'
+        "torchrun --nproc_per_node=8 -m training.docvqa --output-dir runs/ddp\n"
+        "for i in 0 1; do CUDA_VISIBLE_DEVICES=$i python -m florence2.serve --model m --port 800$i & done\n"
+        "pip install -e . && python tools/benchmark.py --tasks onnx; python -m pytest -q\n"
+    )
     assert [(c.program, c.flags) for c in commands_in(text, "")] == [
         (("-m", "florence2", "predict"), ("--task", "--output")),
         (("-m", "training.docvqa"), ("--output-dir",)),
