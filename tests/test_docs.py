@@ -159,8 +159,22 @@ LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
 def test_readme_links_reach_files_and_anchors(site):
+    problems = link_problems(README.read_text(), site)
+    assert not problems, "README.md:\n" + "\n".join(problems)
+
+
+def test_a_broken_readme_link_is_found(site):
+    text = "[a](docs/install.md) [b](docs/no-such.md) [c](docs/evaluate.md#metrics) [d](docs/evaluate.md#no-such)"
+    assert link_problems(text, site) == [
+        "docs/no-such.md: no such file",
+        "docs/evaluate.md#no-such: evaluate/index.html has no anchor 'no-such'",
+    ]
+
+
+def link_problems(text: str, site: Path) -> list[str]:
+    """Where the relative links of a README-level text (paths from the repository's root) lead nowhere."""
     problems = []
-    for target in LINK.findall(README.read_text()):
+    for target in LINK.findall(text):
         if re.match(r"[a-z]+:", target):
             continue
         path, _, anchor = target.partition("#")
@@ -175,7 +189,7 @@ def test_readme_links_reach_files_and_anchors(site):
             page = site / ("index.html" if relative.name == "index" else relative / "index.html")
             if f'id="{anchor}"' not in page.read_text():
                 problems.append(f"{target}: {page.relative_to(site)} has no anchor {anchor!r}")
-    assert not problems, "README.md:\n" + "\n".join(problems)
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ python blocks
