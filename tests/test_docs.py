@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tokenize
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,11 @@ DOC_REPOS = (
 # the images the blocks open, from the tests' fixtures
 TEXT_POSITIONS = 1024
 EOS, EOS_BOOST = 2, 1.0
-DOC_IMAGES = {"invoice.png": "rgb_640x480.png", "photo.jpg": "rgb_640x480.png", "page.png": "rgba_300x900.png"}
+DOC_IMAGES = {"invoice.png": "rgb_640x480.png", "photo.jpg": "rgb_640x480.png", "page.png": "rgba_300x900.png",
+              "street.jpg": "rgb_640x480.png"}
+# the server the pages' client blocks talk to; a page that names it gets a real one (python -m florence2.serve
+# --model microsoft/Florence-2-base-ft from the temporary cache) on a free port, put in the blocks' place of this
+DOC_SERVER = "127.0.0.1:8000"
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)[^`]*$")
 NOTEST = re.compile(r"^\s*<!--\s*notest:\s*(?P<why>\S.*?)\s*-->\s*$")
@@ -353,11 +357,16 @@ def test_python_blocks_run(path, doc_session, request):
     if "exports/base-ft" in path.read_text():  # what `python -m florence2.export ... exports/base-ft` writes
         (doc_session / "exports").mkdir()
         (doc_session / "exports" / "base-ft").symlink_to(request.getfixturevalue("doc_export"))
+    blocks = [b for b in code_blocks(path) if b.lang in ("python", "py") and not b.notest]
+    if any(DOC_SERVER in b.code for b in blocks):
+        from .serving import ServerProcess
+
+        server = ServerProcess(DOC_REPOS[0], doc_session / "server.log")
+        request.addfinalizer(server.close)
+        blocks = [replace(b, code=b.code.replace(DOC_SERVER, server.url.removeprefix("http://"))) for b in blocks]
     namespace = {"__name__": "__docs__"}
     problems = []
-    for block in code_blocks(path):
-        if block.lang not in ("python", "py") or block.notest:
-            continue
+    for block in blocks:
         problems += run_block(block, namespace)
     assert not problems, "\n".join(problems)
 
