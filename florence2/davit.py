@@ -98,10 +98,12 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """x (..., dim); `norm`: x is not normalized yet, fc1 applies it (Block's recompute_norm kernel)."""
+        h = self.fc1(x) if norm is None else kernels.norm_linear(norm, self.fc1, x)
         if "recompute_gelu" in self.active_kernels:
-            return kernels.GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
-        return self.fc2(F.gelu(self.fc1(x)))
+            return kernels.GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
+        return self.fc2(F.gelu(h))
 
     def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
         return {"fc2": self.fc2}  # recompute_gelu reads its weights
@@ -116,16 +118,21 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = "sdpa"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """x (B, H, W, C); `norm`: x is not normalized yet, the qkv projection applies it to the windows (Block's
+        recompute_norm kernel; a per-token norm does not mind the token order)."""
         B, H, W, C = x.shape
         ws = self.window_size
         pad_b, pad_r = (-H) % ws, (-W) % ws
         if pad_b or pad_r:
+            if norm is not None:  # the original pads the normalized tokens with zeros
+                x, norm = norm(x), None
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         # (B, Hp, Wp, C) -> (B * nW, ws * ws, C), windows in row-major order
         windows = x.view(B, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
-        qkv = self.qkv(windows).view(windows.shape[0], ws * ws, 3, self.num_heads, C // self.num_heads)
+        qkv = self.qkv(windows) if norm is None else kernels.norm_linear(norm, self.qkv, windows)
+        qkv = qkv.view(windows.shape[0], ws * ws, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, heads, ws * ws, head_dim)
         out = attention(q, k, v, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(-1, ws * ws, C))
@@ -146,12 +153,16 @@ class ChannelAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = "sdpa"  # "eager": never folded (kernels.worth_folding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """x (B, H, W, C); `norm`: x is not normalized yet, the qkv projection applies it (Block's recompute_norm
+        kernel)."""
         B, H, W, C = x.shape
         N, G = H * W, self.num_groups
         if "folded_channel_attention" in self.active_kernels and kernels.worth_folding(self, N):
-            return kernels.folded_channel_attention(self, x)
-        qkv = self.qkv(x.reshape(B, N, C)).view(B, N, 3, G, C // G)
+            return kernels.folded_channel_attention(self, x if norm is None else norm(x))
+        tokens = x.reshape(B, N, C)
+        qkv = self.qkv(tokens) if norm is None else kernels.norm_linear(norm, self.qkv, tokens)
+        qkv = qkv.view(B, N, 3, G, C // G)
         q, k, v = qkv.permute(2, 0, 3, 4, 1).unbind(0)  # each (B, G, C/G, N): channels are the sequence axis
         # Attention among the channels of a group; the "head dim" is the token axis, hence the N^-0.5 scale.
         weights = ((q * N**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, G, C/G, C/G)
@@ -165,7 +176,12 @@ class ChannelAttention(nn.Module):
 
 class Block(nn.Module):
     """x + dwconv(x), x + attn(LN(x)), x + dwconv(x), x + mlp(LN(x)), with stochastic depth on the two branches.
-    The attention is registered under its checkpoint name (`window_attn`, `channel_attn`) and reached as `attn`."""
+    The attention is registered under its checkpoint name (`window_attn`, `channel_attn`) and reached as `attn`.
+    With the recompute_norm kernel, the attention's qkv projection and the MLP's fc1 apply norm1 and norm2 (see
+    kernels.NormLinear)."""
+
+    KERNELS = ("recompute_norm",)
+    active_kernels = frozenset()
 
     def __init__(self, dim: int, attn_name: str, attn: nn.Module, drop_path: float):
         super().__init__()
@@ -184,9 +200,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.conv1(x)
+        if "recompute_norm" in self.active_kernels:
+            x = x + self.drop_path(self.attn(x, norm=self.norm1))
+            x = x + self.conv2(x)
+            return x + self.drop_path(self.ffn(x, norm=self.norm2))
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.conv2(x)
         return x + self.drop_path(self.ffn(self.norm2(x)))
+
+    def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
+        # the norms' and input projections' weights are read, and the attention and MLP called with the norm
+        return {"norm1": self.norm1, "norm2": self.norm2, self.attn_name: self.attn,
+                f"{self.attn_name}.qkv": self.attn.qkv, "ffn": self.ffn, "ffn.fc1": self.ffn.fc1}
 
 
 class SpatialBlock(Block):

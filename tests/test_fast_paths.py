@@ -121,8 +121,45 @@ def test_gelu_recomputed_in_backward():
         torch.testing.assert_close(recomputed, reference)
 
 
+def test_norm_recomputed_in_backward():
+    norm, linear = nn.LayerNorm(6).double(), nn.Linear(6, 9).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(6, dtype=torch.double))
+        norm.bias.add_(torch.randn(6, dtype=torch.double))
+    x = torch.randn(4, 5, 6, dtype=torch.double, requires_grad=True)
+    torch.autograd.gradcheck(lambda x, nw, nb, w, b: kernels.NormLinear.apply(x, nw, nb, norm.eps, w, b),
+                             (x, norm.weight, norm.bias, linear.weight, linear.bias))
+    out = kernels.norm_linear(norm, linear, x)
+    torch.testing.assert_close(out, linear(norm(x)), rtol=0, atol=0)  # the same kernels on the same input
+    saved = []  # what backward keeps: x and the norm's per-token statistics, not the normalized tokens
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.norm_linear(norm, linear, x)
+    assert sum(t.numel() for t in saved if t.shape[:-1] == x.shape[:-1]) == x.numel() + 2 * 4 * 5
+
+
+@pytest.mark.parametrize("window_size", [7, 8])  # 7: windows padded at the bottom and right; 8: none padded
+def test_recompute_norm_gives_the_reference_block_gradients(window_size):
+    stage = tiny_model(window_size).vision_tower.train().blocks[0]
+    x = torch.randn(2, 16, 16 if window_size == 8 else 12, stage[0].spatial_block.norm1.normalized_shape[0],
+                    requires_grad=True)
+    results = []
+    for on in (None, ["recompute_norm"]):
+        kernels.use(stage, on)
+        out = stage[0](x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
+        x.grad = None
+        stage.zero_grad()
+    (reference, reference_x, reference_grads), (out, grad_x, grads) = results
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, reference_x)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)
+
+
 def test_training_kernels_give_the_reference_loss_and_gradients():
-    # the whole model in a training step: recompute_gelu, channels_first_conv and few_rows_linear (32 label rows)
+    # the whole model in a training step: recompute_gelu, recompute_norm, channels_first_conv and few_rows_linear
+    # (32 label rows)
     model = tiny_model().train()
     x, ids = pixels(2, 64, 64), torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
     labels = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -164,6 +201,7 @@ def test_a_plain_call_runs_the_reference(monkeypatch):
     for name in ("davit_inplace", "folded_channel_attention", "few_rows_linear", "channels_first_conv"):
         monkeypatch.setattr(kernels, name, fail)
     monkeypatch.setattr(kernels.GeluLinear, "apply", fail)
+    monkeypatch.setattr(kernels.NormLinear, "apply", fail)
     assert kernels.active(model) == {}
     with torch.no_grad():
         model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]))
