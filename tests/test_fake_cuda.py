@@ -22,8 +22,11 @@ import torch
 
 from florence2.config import PRESETS
 from florence2.language import EncoderLayer
+from training import distributed, trainer
+from training.data import EpochSampler, loader
+from training.docvqa import parse_args
 
-from .conftest import ROOT
+from .conftest import ROOT, TRAIN_IMAGE_SIZE, prepared, train_args
 
 HERE = Path(__file__).parent / "fake_cuda"
 # Loads the fake device, then runs pytest (which imports torch only now, in the cases' conftest).
@@ -67,3 +70,81 @@ def test_fp16_encoder_clamps_overflow_only_when_there_is_some():
         layer.final_layer_norm.weight.fill_(0.0)
         layer.final_layer_norm.bias.fill_(65000.0)  # in the fp16 range, above the clamp's limit: nothing overflowed
         assert (layer(h, None) == torch.tensor(65000.0).half()).all()
+
+
+# ------------------------------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize(("device", "precision", "native_bf16", "bf16"), [
+    ("cuda", "auto", True, True),  # Ampere and later: bf16 autocast by default
+    ("cuda", "auto", False, False),  # a T4 or a V100 would emulate bf16: float32
+    ("cpu", "auto", False, False),
+    ("cuda", "fp32", True, False),
+    ("cpu", "bf16", False, True),  # asked for: bf16 autocast on the CPU too
+])
+def test_precision_of_training(device, precision, native_bf16, bf16, monkeypatch):
+    def is_bf16_supported(including_emulation=True):
+        return native_bf16 or including_emulation  # every CUDA GPU emulates it
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cfg = parse_args(["--output-dir", "out", "--precision", precision])
+    assert trainer.Run(cfg, distributed.Dist(device=torch.device(device, 0))).bf16 == bf16
+
+
+def test_bf16_training_step_on_the_cpu(tiny_model_dir, small_dataset_dir, tmp_path):
+    """--precision bf16 is bf16 autocast on the CPU as well: a real step, in bf16, with a finite loss."""
+    run = prepared(parse_args(train_args(tiny_model_dir, small_dataset_dir, tmp_path / "run", "--device", "cpu",
+                                         "--precision", "bf16", "--batch-size", "2", "--train-vision")))
+    dtypes = []
+    run.module.language_model.decoder.layers[0].fc1.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    batches = iter(loader(run.train_set, EpochSampler(len(run.train_set), 2, 0), 2, 0, 0, False))
+    loss = trainer.train_step(run, [next(batches)])
+    assert dtypes == [torch.bfloat16] and 0 < loss < 100
+    assert run.module.image_projection.weight.dtype == torch.float32  # autocast: the weights stay float32
+
+
+# --------------------------------------------------------------------------------------- asking for a missing GPU
+def _image(tmp_path) -> Path:
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (TRAIN_IMAGE_SIZE, TRAIN_IMAGE_SIZE)).save(tmp_path / "images" / "a.png")
+    return tmp_path / "images" / "a.png"
+
+
+def _commands(model, image, tmp_path, data):
+    from florence2 import __main__, batch, serve
+    from florence2.export import main as export
+    from training import evaluate, finetune
+
+    out = tmp_path / "out"
+    return {
+        "python -m florence2": (__main__.main, [str(image), "--task", "<OD>", "--model", str(model)]),
+        "python -m florence2 predict": (batch.main, [str(image.parent), "--task", "<OD>", "--model", str(model),
+                                                     "--output", str(tmp_path / "p.jsonl")]),
+        "python -m florence2.serve": (serve.main, ["--model", str(model)]),
+        "python -m training.finetune": (finetune.main, ["--task", "<OD>", "--model", str(model), "--dataset",
+                                                       str(data), "--output-dir", str(out)]),
+        "python -m training.evaluate": (evaluate.main, ["--task", "<OD>", "--model", str(model), "--dataset",
+                                                       str(data), "--output-dir", str(out)]),
+        "python -m florence2.export": (export, [str(model), str(out)]),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA")
+@pytest.mark.parametrize("command", ["python -m florence2", "python -m florence2 predict", "python -m florence2.serve",
+                                     "python -m training.finetune", "python -m training.evaluate",
+                                     "python -m florence2.export"])
+def test_asking_for_cuda_without_one_is_one_line(command, tiny_model_dir, small_dataset_dir, tmp_path, capsys):
+    main, argv = _commands(tiny_model_dir, _image(tmp_path), tmp_path, small_dataset_dir)[command]
+    try:
+        status = main([*argv, "--device", "cuda"])
+    except SystemExit as e:  # argparse, and the training commands' sys.exit(message)
+        status = e.code
+        if isinstance(status, str):
+            print(status, file=sys.stderr)
+            status = 1
+    err = capsys.readouterr().err.strip()
+    assert status not in (0, None) and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{command}: error: ")
+    # export runs on the CPU whatever the machine (its graphs are traced in float32): it has no --device
+    expected = "unrecognized arguments: --device cuda" if "export" in command else "CUDA is not available"
+    assert expected in err

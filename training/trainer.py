@@ -68,7 +68,11 @@ class Run:
 
     @property
     def bf16(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
+        """bf16 autocast: with --precision bf16 on any device; by default (auto) on a CUDA GPU that computes in bf16
+        (Ampere and later: older ones, a T4 or a V100, would emulate it, slower than float32, which they get)."""
+        if self.cfg.precision != "auto":
+            return self.cfg.precision == "bf16"
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def fit(cfg: TrainConfig) -> dict:

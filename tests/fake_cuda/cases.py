@@ -119,8 +119,7 @@ def record_dtypes(module: torch.nn.Module, names: list[str]) -> dict[str, list[t
     return seen
 
 
-@pytest.mark.parametrize("precision", ["auto", "fp32"])
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize(("recipe", "precision"), [(recipe, "auto") for recipe in RECIPES] + [("full", "fp32")])
 def test_training_step_on_cuda(tiny_model_dir, small_dataset_dir, tmp_path, recipe, precision):
     run, micro = prepared_on_cpu(tiny_model_dir, small_dataset_dir, tmp_path / "run", "--precision", precision,
                                  "--grad-accum", "2", *RECIPES[recipe])
