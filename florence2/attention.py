@@ -24,7 +24,7 @@ def check_backend(backend: str) -> str:
             import flash_attn  # noqa: F401
         except ImportError:
             raise ImportError("attention backend 'flash_attention_2' needs the flash-attn package: "
-                              "pip install 'florence2[flash]' (CUDA only)") from None
+                              'pip install -e ".[flash]" (CUDA only)') from None
     return backend
 
 

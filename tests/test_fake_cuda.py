@@ -148,3 +148,11 @@ def test_asking_for_cuda_without_one_is_one_line(command, tiny_model_dir, small_
     # export runs on the CPU whatever the machine (its graphs are traced in float32): it has no --device
     expected = "unrecognized arguments: --device cuda" if "export" in command else "CUDA is not available"
     assert expected in err
+
+
+def test_flash_attention_without_the_package_names_the_install_line(tiny_model_dir, monkeypatch):
+    from florence2 import Florence2
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
+    with pytest.raises(ImportError, match=r'flash-attn package: pip install -e "\.\[flash\]"'):
+        Florence2.from_pretrained(tiny_model_dir, attn_implementation="flash_attention_2")
