@@ -156,3 +156,13 @@ def test_flash_attention_without_the_package_names_the_install_line(tiny_model_d
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
     with pytest.raises(ImportError, match=r'flash-attn package: pip install -e "\.\[flash\]"'):
         Florence2.from_pretrained(tiny_model_dir, attn_implementation="flash_attention_2")
+
+
+def test_causal_attention_through_sdpa_flag_equals_the_written_out_math():
+    from florence2.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    # sdpa: its is_causal flag; eager: softmax(q k^T) v with the causal mask written out
+    torch.testing.assert_close(attention(q, k, v, causal=True), attention(q, k, v, causal=True, backend="eager"),
+                               rtol=0, atol=1e-6)

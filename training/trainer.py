@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from florence2 import kernels
 
@@ -291,6 +292,8 @@ def train_step(run: Run, micro: list) -> float:
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                  else torch.zeros((), device=run.device))
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the sharded gradients, reduced over the ranks here
+        grad_norm = grad_norm.full_tensor()
     loss_value, norm_value = step_values(step_loss, grad_norm)
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:

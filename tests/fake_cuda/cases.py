@@ -152,6 +152,24 @@ def test_training_step_on_cuda(tiny_model_dir, small_dataset_dir, tmp_path, reci
         assert all("lora_" in n for n in trainable)
 
 
+def test_training_step_takes_sdpa_causal_flag(tiny_model_dir, small_dataset_dir, tmp_path, monkeypatch):
+    """The decoder's causal self-attention reaches SDPA as its is_causal flag, without a mask tensor: on a GPU, SDPA
+    can then take its flash kernel (it takes none with a mask)."""
+    sdpa, calls = F.scaled_dot_product_attention, []
+
+    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        calls.append((attn_mask is None, is_causal, q.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    run, micro = prepared_on_cpu(tiny_model_dir, small_dataset_dir, tmp_path / "run", "--train-vision")
+    tokens = trainer.target_tokens(micro)
+    with fake_cuda([]) as mode:
+        train_step(run, move_to_fake_cuda(run, micro, mode), tokens)
+    assert calls.count((True, True, torch.bfloat16)) == run.module.config.text.decoder_layers
+    assert all(no_mask for no_mask, causal, _ in calls if causal)
+
+
 def test_training_step_with_flash_attention(tiny_model_dir, small_dataset_dir, tmp_path, monkeypatch):
     """--attn-implementation flash_attention_2 with flash-attn installed (a stand-in module computing SDPA): the
     unmasked attentions of a bf16 step call it with its layout (B, T, heads, head_dim); in float32 none does."""
