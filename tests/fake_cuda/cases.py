@@ -134,8 +134,8 @@ def test_training_step_on_cuda(tiny_model_dir, small_dataset_dir, tmp_path, reci
         tower_calls = len(seen[tower])
         if recipe == "feature cache":
             train_step(run, gpu_micro, tokens)  # the same images again: all from the cache
-    autocast = torch.bfloat16 if precision == "auto" else torch.float32  # auto: bf16 autocast on CUDA
-    assert run.bf16 == (precision == "auto")
+        assert run.bf16 == (precision == "auto")  # on a GPU with bf16 (as the fake one says)
+    autocast = torch.bfloat16 if precision == "auto" else torch.float32
     assert set(seen[decoder]) == {autocast} and set(seen[tower]) == {autocast}
     # the tower runs on the batch when it trains; frozen, on one image at a time, and once per image with the cache
     images = {"full": len(micro), "frozen tower": sum(len(b) for b in micro),
