@@ -24,7 +24,7 @@ def check_backend(backend: str) -> str:
             import flash_attn  # noqa: F401
         except ImportError:
             raise ImportError("attention backend 'flash_attention_2' needs the flash-attn package: "
-                              "pip install 'florence2[flash]' (CUDA only)") from None
+                              'pip install -e ".[flash]" (CUDA only)') from None
     return backend
 
 
@@ -46,6 +46,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.
         return out.transpose(1, 2)
     if backend == "eager":
         return _eager_attention(q, k, v, mask, causal, scale, dropout)
+    if causal and mask is None and q.shape[-2] == k.shape[-2]:
+        # SDPA's own causal flag (its diagonal is the top-left one, the same for as many queries as keys): no mask
+        # tensor, so that on a GPU it can take its flash kernel, which takes no mask
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True)
     if causal:
         causal_mask = _causal_mask(q.shape[-2], k.shape[-2], q.device)
         mask = causal_mask if mask is None else mask & causal_mask

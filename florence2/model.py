@@ -139,7 +139,7 @@ class Florence2(nn.Module):
                vision_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the text encoder on [image tokens, prompt]. Give `pixel_values`, or `vision_features` (the DaViT
         output, e.g. from a cache while the tower is frozen). Returns the encoder output (B, S, d) and its mask
-        (B, S) bool, or None when nothing is padded."""
+        (B, S) bool, or None when nothing is padded (or no mask was given)."""
         if (pixel_values is None) == (vision_features is None):
             raise ValueError("give exactly one of pixel_values and vision_features")
         _check_ids(input_ids, "input_ids", self.config.text.vocab_size)
@@ -156,7 +156,10 @@ class Florence2(nn.Module):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
                                  f"{tuple(input_ids.shape)}")
-            if not attention_mask.bool().all():
+            # A mask that pads nothing is dropped (the unmasked attention, flash attention's path) when it can be
+            # read for free, on the CPU; on a GPU reading it would be a host sync per call: it is used as given
+            # there (the same result), and callers that know nothing is padded pass None.
+            if attention_mask.device.type != "cpu" or not attention_mask.bool().all():
                 image_mask = attention_mask.new_ones(image.shape[:2])
                 mask = torch.cat([image_mask, attention_mask], dim=1).bool()
         embeds = torch.cat([image, self.language_model.embed(input_ids).to(image.dtype)], dim=1)
@@ -287,12 +290,15 @@ def _check_pixels(pixel_values: torch.Tensor, like: torch.Tensor) -> None:
 
 
 def _check_ids(ids: torch.Tensor, name: str, vocab_size: int, allow_ignore: bool = False) -> None:
+    """Shape and dtype always; the values (ids in the vocabulary) where reading them is free, on the CPU. On a GPU
+    it would be a host sync in every forward: ids made by the processor and the trainer's batches are in range by
+    construction, and an out-of-range id there ends in the embedding's device-side assert."""
     if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be a 2-D (batch, length) tensor, got {shape}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel():
+    if ids.numel() and ids.device.type == "cpu":
         valid = ids if not allow_ignore else ids[ids != IGNORE_INDEX]
         if valid.numel() and (valid.min() < 0 or valid.max() >= vocab_size):
             raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size})"

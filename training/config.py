@@ -170,7 +170,8 @@ def build_parser(prog: str, description: str, task: str | None, presets: dict, r
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on CUDA, float32 on CPU")
+                   help="auto: bf16 autocast on a CUDA GPU with bf16 (Ampere and later), float32 on older GPUs and on "
+                        "the CPU; bf16: bf16 autocast on any device; fp32: float32")
     g.add_argument("--on-nan", choices=["skip", "stop"], default="skip",
                    help="a non-finite loss or gradient: skip the step, or save and stop")
     g.add_argument("--seed", type=int, default=0)

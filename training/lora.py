@@ -25,7 +25,7 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, ta
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise ImportError("--lora needs the peft package: pip install 'florence2[lora]'") from None
+        raise ImportError('--lora needs the peft package: pip install -e ".[lora]"') from None
     scope = r".*" if include_vision else r"language_model\..*"
     pattern = scope + r"\.(" + "|".join(targets) + r")"
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from florence2 import kernels
 
@@ -68,7 +69,11 @@ class Run:
 
     @property
     def bf16(self) -> bool:
-        return self.device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
+        """bf16 autocast: with --precision bf16 on any device; by default (auto) on a CUDA GPU that computes in bf16
+        (Ampere and later: older ones, a T4 or a V100, would emulate it, slower than float32, which they get)."""
+        if self.cfg.precision != "auto":
+            return self.cfg.precision == "bf16"
+        return self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def fit(cfg: TrainConfig) -> dict:
@@ -184,15 +189,6 @@ def prepare(run: Run) -> None:
     say(run, f"data: {len(run.train_set)} training and {len(run.eval_set)} evaluation examples of {task.token} "
              f"({train_split.description}); images {processor.image_size[0]}x{processor.image_size[1]}")
 
-    # optimizer, and the linear schedule: warm-up (none by default), then decay to 0
-    if cfg.optimizer == "sgd":
-        run.optimizer = torch.optim.SGD(param_groups(run), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=cfg.weight_decay)
-    else:
-        # fused: one kernel per step for all the weights (CPU and CUDA), instead of one loop over them per
-        # operation: 13 against 68 ms a step for the demo's 13.7M weights on this machine's CPU
-        run.optimizer = torch.optim.AdamW(param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                          fused=True)
     run.steps_per_epoch = EpochSampler(len(run.train_set), cfg.batch_size, cfg.seed,
                                        world_size=run.dist.world_size).global_batches() // cfg.grad_accum
     if run.steps_per_epoch == 0:
@@ -201,6 +197,22 @@ def prepare(run: Run) -> None:
     run.total_steps = run.steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         run.total_steps = min(run.total_steps, cfg.max_steps)
+    run.optimizer, run.scheduler = optimizer_and_schedule(run)
+    if resume_from is not None:
+        restore(run, resume_from)
+
+
+def optimizer_and_schedule(run: Run):
+    """The optimizer of the model's trainable weights, and its linear schedule: warm-up (none by default), then
+    decay to 0 at the last step."""
+    cfg = run.cfg
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups(run), lr=cfg.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
+    else:
+        # fused: one kernel per step for all the weights (CPU and CUDA), instead of one loop over them per
+        # operation: 13 against 68 ms a step for the demo's 13.7M weights on this machine's CPU
+        optimizer = torch.optim.AdamW(param_groups(run), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     warmup, total_steps = cfg.warmup_steps, run.total_steps
 
     def linear(step: int) -> float:
@@ -208,9 +220,7 @@ def prepare(run: Run) -> None:
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, linear)
-    if resume_from is not None:
-        restore(run, resume_from)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear)
 
 
 def param_groups(run: Run) -> list[dict]:
@@ -264,8 +274,8 @@ def train_step(run: Run, micro: list) -> float:
     if not cfg.train_text_encoder:
         run.module.language_model.encoder.eval()  # and no dropout
     count_bad(run, micro)
-    tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
-    total_tokens = distributed.all_reduce_sum(torch.tensor(float(tokens), device=run.device), run.dist)
+    tokens = target_tokens(micro)
+    total_tokens = distributed.all_reduce_sum(torch.full((), float(tokens), device=run.device), run.dist)
     step_loss = torch.zeros((), device=run.device)
     for i, batch in enumerate(micro):
         batch = batch.to(run.device)
@@ -281,16 +291,32 @@ def train_step(run: Run, micro: list) -> float:
     step_loss = distributed.all_reduce_sum(step_loss, run.dist) / total_tokens.clamp(min=1)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                 else torch.zeros(()))
-    finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+                 else torch.zeros((), device=run.device))
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the sharded gradients, reduced over the ranks here
+        grad_norm = grad_norm.full_tensor()
+    loss_value, norm_value = step_values(step_loss, grad_norm)
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.state.step += 1
     if not finite:
-        handle_nan(run, float(step_loss))
-    return float(step_loss)
+        handle_nan(run, loss_value)
+    return loss_value
+
+
+def target_tokens(micro: list) -> int:
+    """The target tokens (labels != -100) of a step's micro-batches, counted on the loader's CPU batches before
+    they go to the device: host memory, no device sync."""
+    return sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
+
+
+def step_values(step_loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """The step's loss and gradient norm on the host, for the finite check before the update and for the log: the
+    one device-to-host read of a step (the CPU waits for the GPU here, once)."""
+    loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+    return loss, norm
 
 
 def image_inputs(run: Run, batch) -> dict:
