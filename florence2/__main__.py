@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="read the image at this size (multiples of 32; default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder step through torch.compile (docs/compiled-decoding.md)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
     args = p.parse_args(argv)
@@ -64,7 +66,7 @@ def run(args) -> int:
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                if v is not None}
     processor = None if args.image_size is None else processor_at(model, default_processor(model), args.image_size)
-    result = model.predict(image, args.task, text=args.text, processor=processor, **options)
+    result = model.predict(image, args.task, text=args.text, processor=processor, compile=args.compile, **options)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

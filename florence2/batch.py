@@ -667,7 +667,7 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
             answers = []
             if good:
                 answers = generate_answers(model, processor, collate([row[2] for row in good]), [task] * len(good),
-                                           [row[1] for row in good], **options)
+                                           [row[1] for row in good], compile=args.compile, **options)
             answers = iter(answers)
             for item, size, _, error in rows:
                 record = {"image": item.image}
@@ -718,6 +718,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no end before this many tokens (equal to --max-new-tokens: answers of one length)")
     p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="read the images at this size (multiples of 32; default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder step through torch.compile (docs/compiled-decoding.md)")
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")

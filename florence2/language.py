@@ -110,10 +110,11 @@ class EncoderLayer(nn.Module):
         attn = F.dropout(self.self_attn(h, k, v, mask), p=self.dropout, training=self.training)
         h = self.self_attn_layer_norm(h + attn)
         h = self.final_layer_norm(h + _feed_forward(self, h))
-        if h.dtype == torch.float16 and not torch.isfinite(h).all():
-            # The original clamps fp16 overflow in the encoder so that the next LayerNorm stays finite.
+        if h.dtype == torch.float16:
+            # The original clamps fp16 overflow in the encoder so that the next LayerNorm stays finite (only when
+            # some value is not finite: a tensor op, not a read on the host per layer).
             limit = torch.finfo(torch.float16).max - 1000
-            h = h.clamp(-limit, limit)
+            h = torch.where(torch.isfinite(h).all(), h, h.clamp(-limit, limit))
         return h
 
 

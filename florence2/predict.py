@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .generate import GenerateOutput
 from .postprocess import parse_type
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
 
     `text` is the task's input (the phrase of "<CAPTION_TO_PHRASE_GROUNDING>", the question of "<DocVQA>", ...):
     one string for every image, or one per image. Returns the parsed result ({task: answer}) for one image, or a
-    list of them. Generation options (num_beams, max_new_tokens, ...) and `kernels` (None: the inference kernels
-    where the layers allow them; True: required; False: the reference math) are passed to `generate`.
+    list of them. Generation options (num_beams, max_new_tokens, ...), `kernels` (None: the inference kernels
+    where the layers allow them; True: required; False: the reference math) and `compile` (True: the compiled
+    decoder step, docs/compiled-decoding.md) are passed to `generate`.
     """
     processor = processor or default_processor(model)
     single = not isinstance(images, (list, tuple))
@@ -72,8 +74,14 @@ def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: li
     inputs = inputs.to(model.image_projection.weight.device, dtype)
     scored = any(parse_type(task) in SCORED_PARSE_TYPES for task in tasks)
     out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
-    sequences = out.sequences if scored else out
-    eos = model.config.text.eos_token_id
+    return parse_answers(processor, out, tasks, image_sizes, model.config.text.eos_token_id)
+
+
+def parse_answers(processor, out, tasks: list[str], image_sizes: list[tuple[int, int]], eos: int) -> list[dict]:
+    """The parsed answer of each generated row: on the host, from one copy of the sequences (and their scores)."""
+    scored = isinstance(out, GenerateOutput)
+    sequences = (out.sequences if scored else out).cpu()
+    scores = out.scores.cpu() if scored else None
     results = []
     for i, (task, size, sequence) in enumerate(zip(tasks, image_sizes, sequences)):
         # a batch pads the rows that ended early: what a row gives alone ends at its first end token
@@ -81,7 +89,7 @@ def generate_answers(model, processor, inputs, tasks: list[str], image_sizes: li
         sequence = sequence[:int(ends[0]) + 2] if len(ends) else sequence
         if parse_type(task) in SCORED_PARSE_TYPES:
             results.append(processor.post_process_generation(task=task, image_size=size, sequence=sequence,
-                                                             transition_scores=out.scores[i, :len(sequence) - 1]))
+                                                             transition_scores=scores[i, :len(sequence) - 1]))
         else:
             text_out = processor.decode(sequence, skip_special_tokens=False)
             results.append(processor.post_process_generation(text_out, task=task, image_size=size))
