@@ -99,3 +99,27 @@ def test_falls_back_to_eager_with_one_warning(model, padded, monkeypatch):
 def test_compile_must_be_a_bool(model, padded):
     with pytest.raises(ValueError, match="compile must be True or False"):
         model.generate(**padded, max_new_tokens=2, compile="yes")
+
+
+def test_the_command_line_flag_reaches_the_compiled_step(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """--compile on `python -m florence2` runs the compiled step (here stood in for by the eager step, which
+    the tests above compare it with: the compile itself is theirs)."""
+    import shutil
+
+    from florence2.__main__ import main
+    from florence2.processor import Florence2Processor
+
+    from .conftest import TINY
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_checkpoint / name, tmp_path / name)
+    Florence2Processor(image_size=128).save_pretrained(tmp_path)
+    compiled = []
+    monkeypatch.setattr(generate, "_compiled", lambda step: compiled.append(step) or step)
+    argv = [str(TINY / "images" / "rgb_640x480.png"), "--task", "<CAPTION>", "--model", str(tmp_path), "--json",
+            "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    assert not compiled
+    assert main([*argv, "--compile"]) == 0
+    assert compiled == [generate.beam_step] and capsys.readouterr().out == eager
