@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="read the image at this size (multiples of 32; default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder step through torch.compile (docs/compiled-decoding.md)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", type=Path, default=None, help="write the image with the result drawn on it")
     slicing.add_arguments(p)
@@ -69,6 +71,8 @@ def run(args) -> int:
     options = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                if v is not None}
     processor = None if args.image_size is None else processor_at(model, default_processor(model), args.image_size)
+    if args.compile:
+        options["compile"] = True
     if args.slice is None:
         result = model.predict(image, args.task, text=args.text, processor=processor, **options)
     else:

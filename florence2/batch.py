@@ -660,6 +660,8 @@ def _predict(args, inputs: Inputs, positions: list[int], log: ResultLog, counts:
         processor = processor_at(model, processor, args.image_size)
     options = {name: getattr(args, name) for name in ("num_beams", "max_new_tokens", "min_new_tokens")
                if getattr(args, name) is not None}
+    if args.compile:
+        options["compile"] = True
     task = args.task
     sliced = args.slice is not None
     loader = torch.utils.data.DataLoader(_Prepared(inputs, positions, model.config, processor, task, sliced),
@@ -729,6 +731,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no end before this many tokens (equal to --max-new-tokens: answers of one length)")
     p.add_argument("--image-size", type=cli.image_size, default=None, metavar="S|HxW",
                    help="read the images at this size (multiples of 32; default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder step through torch.compile (docs/compiled-decoding.md)")
     p.add_argument("--image-column", default="image", help="manifest or dataset column of the image")
     p.add_argument("--text-column", default="text", help="manifest or dataset column of the task's text, if any")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")

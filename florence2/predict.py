@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .generate import GenerateOutput
 from .postprocess import parse_type
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ def predict(model, images, task: str, text: str | list[str] | None = None, proce
 
     `text` is the task's input (the phrase of "<CAPTION_TO_PHRASE_GROUNDING>", the question of "<DocVQA>", ...):
     one string for every image, or one per image. Returns the parsed result ({task: answer}) for one image, or a
-    list of them. Generation options (num_beams, max_new_tokens, ...) and `kernels` (None: the inference kernels
-    where the layers allow them; True: required; False: the reference math) are passed to `generate`.
+    list of them. Generation options (num_beams, max_new_tokens, ...), `kernels` (None: the inference kernels
+    where the layers allow them; True: required; False: the reference math) and `compile` (True: the compiled
+    decoder step, docs/compiled-decoding.md) are passed to `generate`.
     """
     processor = processor or default_processor(model)
     single = not isinstance(images, (list, tuple))
@@ -85,9 +87,17 @@ def generate_answers_and_tokens(model, processor, inputs, tasks: list[str], imag
     scoring = [all_scores or parse_type(task) in SCORED_PARSE_TYPES for task in tasks]
     scored = any(scoring)
     out = model.generate(**inputs, return_scores=scored, kernels=kernels, **generate_options)
-    sequences = out.sequences if scored else out
-    copies = generate_options.get("num_return_sequences", 1)
-    eos = model.config.text.eos_token_id
+    return parse_answers(processor, out, tasks, image_sizes, model.config.text.eos_token_id, scoring,
+                         copies=generate_options.get("num_return_sequences", 1))
+
+
+def parse_answers(processor, out, tasks: list[str], image_sizes: list[tuple[int, int]], eos: int,
+                  scoring: list[bool], copies: int = 1) -> list[tuple[dict, list[int]]]:
+    """The parsed answer of each generated row with its generated ids: on the host, from one copy of the sequences
+    (and their scores); `copies` rows per task (num_return_sequences), `scoring` per task."""
+    scored = isinstance(out, GenerateOutput)
+    sequences = (out.sequences if scored else out).cpu()
+    scores = out.scores.cpu() if scored else None
     results = []
     for i, sequence in enumerate(sequences):
         task, size = tasks[i // copies], image_sizes[i // copies]
@@ -96,7 +106,7 @@ def generate_answers_and_tokens(model, processor, inputs, tasks: list[str], imag
         sequence = sequence[:int(ends[0]) + 2] if len(ends) else sequence
         if scoring[i // copies]:
             answer = processor.post_process_generation(task=task, image_size=size, sequence=sequence,
-                                                       transition_scores=out.scores[i, :len(sequence) - 1])
+                                                       transition_scores=scores[i, :len(sequence) - 1])
         else:
             text_out = processor.decode(sequence, skip_special_tokens=False)
             answer = processor.post_process_generation(text_out, task=task, image_size=size)

@@ -209,12 +209,56 @@ def test_copies_attend_to_shared_keys_as_to_repeated_ones(backend):
 
 
 def test_beam_search_keeps_one_cross_cache_row_per_image(model):
-    from florence2.generate import _Decoder
+    from florence2.generate import new_cache
 
     ref = load_case("case1")
     with torch.no_grad():
         encoder_out, mask = model.encode(ref["input_ids"], None, ref["pixel_values"])
-    decoder = _Decoder(model, encoder_out, mask, copies=3, max_length=8)
+        cache, _ = new_cache(model, encoder_out, mask, copies=3, max_length=8, static=False)
     batch = encoder_out.shape[0]
-    assert all(layer.cross_k.shape[0] == layer.cross_v.shape[0] == batch for layer in decoder.cache)
-    assert all(layer.k.shape[0] == layer.v.shape[0] == 3 * batch for layer in decoder.cache)
+    assert all(layer.cross_k.shape[0] == layer.cross_v.shape[0] == batch for layer in cache)
+    assert all(layer.k.shape[0] == layer.v.shape[0] == 3 * batch for layer in cache)
+
+
+@pytest.mark.parametrize("samples", [1, 6])
+def test_multinomial_from_its_noise_is_torch_multinomial(samples):
+    """Sampling draws torch.multinomial's noise outside the step and picks inside it: the same draws."""
+    from florence2.generate import _draw_noise, _multinomial
+
+    probs = torch.randn(4, 300).mul(3).softmax(dim=-1)
+    expected = torch.multinomial(probs, samples, generator=torch.Generator().manual_seed(7))
+    noise = _draw_noise(probs.shape, torch.Generator().manual_seed(7), probs.device)
+    assert torch.equal(_multinomial(probs, noise, samples), expected)
+
+
+@pytest.mark.parametrize("options", [
+    {"num_beams": 3},
+    {"num_beams": 3, "early_stopping": False, "return_scores": True},
+    {"num_beams": 1, "return_scores": True},
+    {"num_beams": 1, "do_sample": True, "seed": 3},
+    {"num_beams": 3, "do_sample": True, "seed": 3},
+])
+def test_steps_after_the_end_change_nothing(tiny_checkpoint, monkeypatch, options):
+    """The loop reads the end once every END_CHECK_EVERY steps; the steps run after the end leave the result as it
+    is (ended rows, finished beams, the output's length)."""
+    import florence2.generate as generate
+
+    model = Florence2.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        model.language_model.final_logits_bias[0, 2] += 4.0  # rows end at different, early steps
+    ref = load_case("case1")
+    kwargs = dict(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"], max_new_tokens=20, **options)
+    every_step = model.generate(**kwargs)
+    checks = []
+    monkeypatch.setattr(generate, "END_CHECK_EVERY", {"cpu": 7})
+    monkeypatch.setattr(generate, "reached_end", lambda done: checks.append(bool(done)) or checks[-1])
+    sparse = model.generate(**kwargs)
+    assert checks and not any(checks[:-1])  # read at steps 7, 14, ... until the end
+    if options["num_beams"] == 1:  # rows ended after length - 1 steps; the loop ran on to the next multiple of 7
+        length = (every_step.sequences if options.get("return_scores") else every_step).shape[1]
+        assert length < 21 and len(checks) == min((length - 2) // 7 + 1, 20 // 7)  # none after the last step
+    if options.get("return_scores"):
+        for field in ("sequences", "scores", "sequence_scores"):
+            assert torch.equal(getattr(sparse, field), getattr(every_step, field)), field
+    else:
+        assert torch.equal(sparse, every_step)

@@ -197,6 +197,8 @@ def generate_fn(impl, model, inputs, args, beams: int):
                    early_stopping=True, forced_bos_token_id=0, forced_eos_token_id=2)
     if impl == "transformers":  # its generate does not take these from the text config: pass them all
         options.update(do_sample=False, decoder_start_token_id=2, length_penalty=1.0)
+    elif args.compile:  # our decoder step through torch.compile over a static cache (docs/compiled-decoding.md)
+        options["compile"] = True
 
     def run():
         with torch.no_grad(), autocast(args):
@@ -838,7 +840,8 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="float32, or autocast to bfloat16/float16 (CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both vision towers (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both vision towers and our decoder step "
+                   "(CUDA)")
     p.add_argument("--image-size", type=int, default=768)
     p.add_argument("--batch", type=int, default=2, help="batch of forward and training steps (generation: 1)")
     p.add_argument("--new-tokens", type=int, default=16)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import read_config
-from ..generate import GenerateOptions, _forced_scores, _forced_token, _process
+from ..generate import GenerateOptions, _process
 from . import VARIANTS, require_export_extra
 from .graphs import DECODER, EMBED, ENCODER, GRAPHS, VISION, past_names
 
@@ -100,12 +100,8 @@ class OnnxFlorence2:
         past, cur_len = None, 1
         while cur_len < max_length:
             logits, past = self.step(sequences[:, cur_len - 1:cur_len].numpy(), encoder_out, mask, past)
-            forced = _forced_token(cur_len, max_length, opts)
-            if forced is None:
-                scores = _process(torch.from_numpy(logits[:, -1]).float(), sequences, cur_len, opts,
-                                  text.eos_token_id)
-            else:
-                scores = _forced_scores(forced, B, logits.shape[-1], sequences.device)
+            scores = _process(torch.from_numpy(logits[:, -1]).float(), sequences, torch.tensor([cur_len]), opts,
+                              text.eos_token_id, max_length)
             next_tokens = torch.where(unfinished, scores.argmax(dim=-1), text.pad_token_id)
             sequences[:, cur_len] = next_tokens
             cur_len += 1
