@@ -123,3 +123,48 @@ def test_the_command_line_flag_reaches_the_compiled_step(tiny_checkpoint, tmp_pa
     assert not compiled
     assert main([*argv, "--compile"]) == 0
     assert compiled == [generate.beam_step] and capsys.readouterr().out == eager
+
+
+def test_the_server_and_batch_flags_reach_the_compiled_step(tiny_checkpoint, tmp_path, monkeypatch):
+    """--compile on `python -m florence2 predict` and on the server (Server(compile=True), what its flag sets) run
+    the compiled step and answer what they answer without it."""
+    import json
+
+    from florence2.batch import main as predict_main
+    from florence2.serve import Server
+    from florence2.serve.command import parse_args
+
+    from .conftest import TINY
+
+    import shutil
+
+    from florence2.processor import Florence2Processor
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    Florence2Processor(image_size=128).save_pretrained(checkpoint)
+    compiled = []
+    monkeypatch.setattr(generate, "_compiled", lambda step: compiled.append(step) or step)
+    image = TINY / "images" / "rgb_640x480.png"
+    argv = [str(image), "--task", "<CAPTION>", "--model", str(checkpoint), "--max-new-tokens", "4",
+            "--device", "cpu", "--num-beams", "1"]
+    outputs = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert predict_main([*argv, "--output", str(out), *flags]) == 0
+        outputs.append([json.loads(line)["result"] for line in out.read_text().splitlines()])
+    assert compiled == [generate.sample_step] and outputs[0] == outputs[1]
+
+    assert parse_args(["--model", "m", "--compile"]).compile and not parse_args(["--model", "m"]).compile
+    from florence2.predict import default_processor
+
+    model = Florence2.from_pretrained(checkpoint)
+    answers = []
+    for compile in (False, True):
+        compiled.clear()
+        server = Server(model, default_processor(model), compile=compile)
+        options = server.check_options({"num_beams": 1, "max_new_tokens": 4}, from_form=False)
+        job = server.prepare(image.read_bytes(), "<CAPTION>", "<CAPTION>", options, server.batch_key(options))
+        answers.append([answer.result for answer in server.run([job, job])[0]])
+        assert compiled == ([generate.sample_step] if compile else [])
+    assert answers[0] == answers[1]

@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / 2**20)
     p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
     p.add_argument("--max-num-beams", type=int, default=defaults.max_num_beams)
+    p.add_argument("--compile", action="store_true",
+                   help="run the decoder step through torch.compile (docs/compiled-decoding.md)")
     args = p.parse_args(argv)
     if args.max_batch_size < 1 or args.max_wait_ms < 0:
         p.error("--max-batch-size must be at least 1 and --max-wait-ms at least 0")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     limits = Limits(int(args.max_body_mb * 2**20), args.max_image_pixels, args.max_num_beams)
     Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # PIL's own guard refuses twice as many before decoding
     server = Server(model, default_processor(model), max_batch_size=args.max_batch_size,
-                    max_wait_ms=args.max_wait_ms, limits=limits)
+                    max_wait_ms=args.max_wait_ms, limits=limits, compile=args.compile)
     warm_up(server)
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port))
 

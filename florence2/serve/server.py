@@ -151,11 +151,12 @@ class Server:
     """The model, its processor and the batcher; `prepare` turns a request's fields into a Job."""
 
     def __init__(self, model, processor, *, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), compile: bool = False):
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_wait_ms >= 0, got {max_batch_size} and "
                              f"{max_wait_ms}")
         self.model, self.processor, self.limits = model, processor, limits
+        self.compile = compile  # every batch's decoder step through torch.compile (generate's compile=True)
         self.model_name = getattr(model, "name_or_path", None) or "florence2"  # the checkpoint as it was given
         self.started = int(time.time())
         self.batcher = Batcher(self.run, max_batch_size, max_wait_ms / 1000)
@@ -242,7 +243,7 @@ class Server:
         call."""
         answers = [Answer(result, tokens) for result, tokens in generate_answers_and_tokens(
             self.model, self.processor, collate([j.inputs for j in jobs]), [j.task for j in jobs],
-            [j.image_size for j in jobs], **jobs[0].options)]
+            [j.image_size for j in jobs], compile=self.compile, **jobs[0].options)]
         copies = jobs[0].options.get("num_return_sequences", 1)
         return [answers[i * copies:(i + 1) * copies] for i in range(len(jobs))]
 
