@@ -86,7 +86,7 @@ def test_detection_demo_preset_is_offline_and_reads_its_coco_export():
     assert args.model == "demo" and args.dataset == str(Path("runs/od/demo-data")) and args.format == "auto"
     assert args.train_vision and args.eval_before_training and args.num_beams == 1
     assert args.epochs == 2 and not args.train_text_encoder  # the text encoder frozen at its random init
-    assert args.eval_every == 250 and args.group_by_length  # batches of pages with as many regions: less padding
+    assert args.eval_every == 300 and args.group_by_length  # batches of pages with as many regions: less padding
     assert finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--lr", "1e-6"]).lr == 1e-6
     args = finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--no-train-vision",
                                 "--train-text-encoder"])
@@ -135,7 +135,7 @@ def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys)
     assert set(baseline) >= {"eval_map", "eval_map50", "eval_map75"}
     model = Florence2.from_pretrained(out / "best")
     assert (model.config.vision, model.config.text) == (demo.demo_config().vision, demo.demo_config().text)
-    assert Florence2Processor.from_pretrained(out / "best").image_size == (demo_detection.IMAGE_SIZE,) * 2 == (160, 160)
+    assert Florence2Processor.from_pretrained(out / "best").image_size == (demo.IMAGE_SIZE, demo.IMAGE_SIZE)
 
 
 def test_the_blind_baseline_is_each_categorys_mean_box_scored_by_pycocotools():

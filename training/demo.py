@@ -64,8 +64,8 @@ def demo_config() -> Florence2Config:
     )
 
 
-def demo_processor(image_size: int = IMAGE_SIZE) -> Florence2Processor:
-    return Florence2Processor(image_size=image_size)
+def demo_processor() -> Florence2Processor:
+    return Florence2Processor(image_size=IMAGE_SIZE)
 
 
 def demo_model(processor: Florence2Processor, seed: int) -> Florence2:
@@ -151,14 +151,14 @@ def run_docvqa(cfg: TrainConfig) -> tuple[dict, int]:
     return summary, pretraining_steps + summary["steps"]
 
 
-def ensure_initial_model(folder: Path, seed: int, build=demo_model, image_size: int = IMAGE_SIZE) -> Path:
-    """The demo model as initialized from `seed` by `build(processor, seed)`, with a processor for `image_size`,
-    saved once (written aside, then renamed into place)."""
+def ensure_initial_model(folder: Path, seed: int, build=demo_model) -> Path:
+    """The demo model as initialized from `seed` by `build(processor, seed)`, saved once
+    (written aside, then renamed into place)."""
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    processor = demo_processor(image_size)
+    processor = demo_processor()
     build(processor, seed=seed).save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tmp.rename(folder)

@@ -46,7 +46,6 @@ from . import synthetic_detection as pages
 from .config import TrainConfig
 from .trainer import fit
 
-IMAGE_SIZE = 160  # the DocVQA demo's 192 costs a third more in the vision tower; the regions are large at 160 too
 TRAIN_PAGES = 6000
 VALID_PAGES = 64
 TEST_PAGES = 64  # not used by the run: for `python -m training.evaluate` on pages no run has seen
@@ -60,7 +59,7 @@ def detection_defaults(first) -> dict:
     """The preset: the small model on synthetic document regions, trained from scratch (see the module's
     docstring)."""
     defaults = {"model": demo.DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "format": "auto",
-                "epochs": 2, "eval_every": 250, "group_by_length": True, "train_text_encoder": False,
+                "epochs": 2, "eval_every": 300, "group_by_length": True, "train_text_encoder": False,
                 "batch_size": 16, "optimizer": "adamw",
                 "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "eval_before_training": True, "num_beams": 1,
                 "max_new_tokens": 32, "log_every": 5, "num_workers": 2, "feature_cache": "none"}
@@ -82,7 +81,7 @@ def run_detection(cfg: TrainConfig) -> tuple[dict, int]:
             ensure_demo_pages(Path(cfg.dataset), seed=cfg.seed)
             blind_baseline(Path(cfg.dataset), cfg.output_dir / BLIND_BASELINE)
         if cfg.model == demo.DEMO_MODEL:
-            demo.ensure_initial_model(initial, seed=cfg.seed, build=demo_detection_model, image_size=IMAGE_SIZE)
+            demo.ensure_initial_model(initial, seed=cfg.seed, build=demo_detection_model)
     distributed.barrier(d)
     if cfg.model == demo.DEMO_MODEL:
         cfg = replace(cfg, model=str(initial))

@@ -100,9 +100,9 @@ def fit(cfg: TrainConfig) -> dict:
                 run.state.position += run.global_batch
                 samples_per_s = run.global_batch / (time.perf_counter() - step_started)
                 if progress is not None:
-                    progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                                         samples_per_s=f"{samples_per_s:.1f}")
+                                         samples_per_s=f"{samples_per_s:.1f}", refresh=False)  # drawn by update
+                    progress.update(1)
                 on_step_end(run, loss, samples_per_s)
             if progress is not None:
                 progress.close()
