@@ -3,9 +3,10 @@
     python -m training.synthetic_detection OUT_DIR [--train-pages 1200] [--valid-pages 64] [--test-pages 64]
                                                    [--seed 0]
 
-Each page is drawn with PIL (the typeface and the table, stamp and signature styles of training/synthetic.py) and
-holds 2-5 labelled regions among unlabelled lines of small print, each in a block of the page's layout (below the
-header, 3 rows of 2 blocks; a table or a title may take a whole row), at a random size and place within it:
+Each page is drawn with PIL at 600x800 (the typeface and the table, stamp and signature styles of
+training/synthetic.py), written at 300x400 (each pixel the mean of a 2x2 block, the boxes halved exactly), and holds 2-5
+labelled regions among unlabelled lines of small print, each in a block of the page's layout (below the header, 3 rows
+of 2 blocks; a table or a title may take a whole row), at a random size and place within it:
 - `header`: a coloured band across the top of the page (on some pages), with the company's name in it;
 - `title`: one large word (INVOICE, REPORT, ...);
 - `table`: a ruled table with a dark header row and 2-6 zebra-shaded data rows;
