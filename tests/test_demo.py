@@ -61,7 +61,8 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert f"demo: {minutes} min {seconds:02d} s in all, 8 optimizer steps" in printed.out
     # a bar per epoch over all of its stage's steps (4; pretraining's epochs have 2 each), drawn from the start; stderr
     # is not a terminal here, so no step redraws it (at most one redraw a minute)
-    assert re.findall(r"epoch \d+/\d+:[^|]*\|[^|]*\| (\d+)/(\d+) \[", printed.err) == [("0", "4"), ("2", "4"), ("0", "4")]
+    drawn = re.findall(r"epoch \d+/\d+:[^|]*\|[^|]*\| (\d+)/(\d+) \[", printed.err)
+    assert drawn == [("0", "4"), ("2", "4"), ("0", "4")]
 
     # stage 1 pretrained the model (its vision tower too) on captions of other pages; stage 2 fine-tuned that
     # checkpoint with the tower frozen and its features cached
