@@ -1,11 +1,13 @@
 """The offline demo (`--preset demo`), shortened: a few documents and steps instead of minutes of training."""
 
 import json
+import re
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from PIL import Image
 
 from florence2 import Florence2
 from florence2.processor import Florence2Processor
@@ -21,15 +23,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model's ops are t
 def test_demo_preset_is_offline_and_explicit_flags_win():
     args = parse_args(["--preset", "demo", "--output-dir", "runs/demo", "--epochs", "1"])
     assert args.model == "demo" and args.dataset == str(Path("runs/demo/demo-data")) and args.optimizer == "adamw"
-    assert (args.lr, args.vision_lr, args.embedding_eps, args.num_beams) == (1e-3, 1e-4, 3e-4, 1)
-    assert args.train_vision and args.eval_before_training and args.epochs == 1
+    assert (args.lr, args.vision_lr, args.embedding_eps, args.num_beams) == (1e-3, None, 3e-4, 1)
+    # fine-tuning keeps the tower the captions pretrained frozen, its features computed once per page
+    assert not args.train_vision and args.feature_cache == "memory"
+    assert args.eval_before_training and args.epochs == 1
+    args = parse_args(["--preset", "demo", "--output-dir", "d", "--train-vision"])  # the tower trained: no cache
+    assert args.train_vision and (args.vision_lr, args.feature_cache) == (demo.VISION_LR, "none")
     assert parse_args(["--preset", "demo", "--output-dir", "d", "--optimizer", "sgd"]).embedding_eps is None
     # a flag given explicitly wins even when it equals the parser's own default (the preset's defaults are replaced)
     args = parse_args(["--preset", "demo", "--output-dir", "d", "--lr", "1e-6", "--epochs", "7", "--num-beams", "3"])
     assert (args.lr, args.epochs, args.num_beams, args.batch_size) == (1e-6, 7, 3, 16)
-    # so does a switch the preset turns on, turned off (and the tower's learning rate goes with the tower)
-    args = parse_args(["--preset", "demo", "--output-dir", "d", "--no-train-vision", "--no-eval-before-training"])
-    assert not args.train_vision and args.vision_lr is None and not args.eval_before_training
+    # so does a switch the preset turns on, turned off
+    assert not parse_args(["--preset", "demo", "--output-dir", "d", "--no-eval-before-training"]).eval_before_training
 
 
 def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
@@ -48,9 +53,22 @@ def test_shortened_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(evals[-1]["eval_anls_by_type"]) & set(READING)
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[-1] < losses[0]
-    assert "validation ANLS, step 0 -> step 4:" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "validation ANLS, step 0 -> step 4:" in printed.out
+    # the machine's speed first, the demo's time and steps (4 of pretraining, 4 of fine-tuning) beside it at the end
+    assert printed.out.startswith(f"this machine: float32 matmul {summary['matmul_gflops']:.1f} GFLOP/s")
+    minutes, seconds = divmod(round(summary["demo_seconds"]), 60)
+    assert f"demo: {minutes} min {seconds:02d} s in all, 8 optimizer steps" in printed.out
+    # a bar per epoch over all of its stage's steps (4; pretraining's epochs have 2 each), drawn from the start; stderr
+    # is not a terminal here, so no step redraws it (at most one redraw a minute)
+    drawn = re.findall(r"epoch \d+/\d+:[^|]*\|[^|]*\| (\d+)/(\d+) \[", printed.err)
+    assert drawn == [("0", "4"), ("2", "4"), ("0", "4")]
 
-    # stage 1 pretrained the model on captions of other pages; stage 2 fine-tuned that checkpoint
+    # stage 1 pretrained the model (its vision tower too) on captions of other pages; stage 2 fine-tuned that
+    # checkpoint with the tower frozen and its features cached
+    stages = [json.loads((last_checkpoint(folder) / "trainer.json").read_text()) for folder in (out / "pretrain", out)]
+    assert [(t["train_vision"], t["feature_cache"]) for t in stages] == [(True, "none"), (False, "memory")]
+    assert stages[0]["vision_lr"] == demo.VISION_LR
     captions = datasets.load_from_disk(str(out / "pretrain" / "demo-captions"))
     assert set(captions["train"]["question"]) == {"<CAPTION>"} and len(captions["train"]) == 8
     pretrained = out / "pretrain" / "checkpoints" / "step-00000004"
@@ -71,6 +89,7 @@ def test_detection_demo_preset_is_offline_and_reads_its_coco_export():
     assert args.model == "demo" and args.dataset == str(Path("runs/od/demo-data")) and args.format == "auto"
     assert args.train_vision and args.eval_before_training and args.num_beams == 1
     assert args.epochs == 2 and not args.train_text_encoder  # the text encoder frozen at its random init
+    assert args.eval_every == 300 and not args.group_by_length  # grouped batches stayed on the plateau
     assert finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--lr", "1e-6"]).lr == 1e-6
     args = finetune.parse_args(["--preset", "demo", "--task", "<OD>", "--output-dir", "d", "--no-train-vision",
                                 "--train-text-encoder"])
@@ -109,7 +128,11 @@ def test_shortened_detection_demo_runs_end_to_end(tmp_path, monkeypatch, capsys)
         assert len(coco.getImgIds()) == pages and [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(
             synthetic_detection.CATEGORIES)
         for image in coco.loadImgs(coco.getImgIds()):
-            assert (out / "demo-data" / split / image["file_name"]).is_file()
+            with Image.open(out / "demo-data" / split / image["file_name"]) as page:  # written at half the drawing
+                assert page.size == (image["width"], image["height"]) == (300, 400)
+            for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+                x, y, w, h = annotation["bbox"]
+                assert 0 <= x < x + w <= 300 and 0 <= y < y + h <= 400
             assert 2 <= len(coco.getAnnIds(imgIds=image["id"])) <= 5
     baseline = json.loads((out / "blind-baseline.json").read_text())
     assert set(baseline) >= {"eval_map", "eval_map50", "eval_map75"}
@@ -134,3 +157,19 @@ def test_the_blind_baseline_is_each_categorys_mean_box_scored_by_pycocotools():
     # pages whose stamp sits at the mean box: the guess finds it; pages where it sits elsewhere: it does not
     assert coco_eval(split([[20, 10, 20, 10]]), [guess], "bbox")["map50"] == pytest.approx(1.0)
     assert coco_eval(split([[60, 30, 20, 10]]), [guess], "bbox")["map50"] == 0.0
+
+
+def test_written_pages_keep_the_drawn_boxes_at_half_scale(tmp_path):
+    drawn, regions = synthetic_detection.make_page(0, "train", 7)
+    name, size, written = synthetic_detection.draw_page_file(tmp_path, 0, "train", 7)
+    assert size == (drawn.width // 2, drawn.height // 2) == Image.open(tmp_path / name).size
+    assert written == [(category, tuple(v / 2 for v in box)) for category, box in regions]
+
+
+def test_matmul_peak_is_two_n_cubed_flops_over_each_matmuls_time(monkeypatch):
+    from florence2 import hardware
+
+    ticks = iter(range(100))  # every clock reading one second after the last: each matmul takes a second
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: float(next(ticks)))
+    found = hardware.matmul_peak("cpu", n=64, reps=3)
+    assert found["n"] == 64 and found["gflops"] == [2 * 64**3 / 1e9] * 3 == [found["best"]] * 3

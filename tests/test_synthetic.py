@@ -44,6 +44,15 @@ def test_same_seed_same_bytes_and_rows():
     assert [d.png for d in first] != [d.png for d in other]
 
 
+def test_pages_are_written_at_half_their_drawn_size_as_the_mean_of_each_2x2_block():
+    (document,) = make_documents(1, seed=3)
+    written = Image.open(io.BytesIO(document.png))
+    drawn, _ = render(document.spec)
+    assert written.size == (drawn.width // 2, drawn.height // 2) and written.mode == drawn.mode
+    blocks = pixels(drawn).reshape(drawn.height // 2, 2, drawn.width // 2, 2, 3).mean(axis=(1, 3))
+    assert np.abs(pixels(written) - blocks).max() <= 1  # rounded to the nearest integer
+
+
 def test_validation_pages_do_not_depend_on_the_training_size():
     assert [d.png for d in make_documents(3, seed=0, split="validation")] == \
            [d.png for d in make_documents(4, seed=0, split="validation")[:3]]

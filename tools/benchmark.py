@@ -227,18 +227,10 @@ def matmul_peak(args, reps: int = 8) -> dict:
     """fp32 (or --dtype) GEMM throughput of a large square matmul: the hardware's practical peak."""
     import torch
 
-    dtype = getattr(torch, args.dtype)
-    n = 4096 if args.device == "cpu" else 8192
-    a = torch.randn(n, n, device=args.device, dtype=dtype)
-    b = torch.randn(n, n, device=args.device, dtype=dtype)
-    rates = []
-    for i in range(reps + 2):
-        start = clock(args)
-        a @ b
-        seconds = clock(args) - start
-        if i >= 2:
-            rates.append(2 * n**3 / seconds / 1e9)
-    return {"n": n, "gflops": rates, "best": max(rates), "median": statistics.median(rates)}
+    sys.path.insert(0, str(ROOT))
+    from florence2.hardware import matmul_peak as measure
+
+    return measure(args.device, getattr(torch, args.dtype), n=4096 if args.device == "cpu" else 8192, reps=reps)
 
 
 # --------------------------------------------------------------------------------------- child: the ONNX export

@@ -22,12 +22,18 @@ learned positions at the encoder's input.
 
 from __future__ import annotations
 
+import functools
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from florence2 import Florence2
 from florence2.config import Florence2Config, TextConfig, VisionConfig
+from florence2.hardware import matmul_peak
 from florence2.processor import Florence2Processor
 
 from . import checkpoint as ckpt
@@ -41,6 +47,8 @@ VALIDATION_DOCUMENTS = 40
 CAPTION_DOCUMENTS = 1600  # the pretraining pages, none of them among the question pages
 CAPTION_VALIDATION_DOCUMENTS = 32
 PRETRAIN_EPOCHS = 4
+VISION_LR = 1e-4  # the tower's rate where it trains: a DaViT from scratch learns nothing at the text model's 1e-3
+SPEED_MATMUL, SPEED_REPS = 2048, 4  # the machine's speed: 6 sgemms of 2048x2048, about a second on 2 cores
 DEMO_MODEL = "demo"  # --model of the preset: the small model, pretrained by the demo itself
 DEMO_DATA, DEMO_CAPTIONS, DEMO_PRETRAIN, INITIAL_MODEL = "demo-data", "demo-captions", "pretrain", "initial-model"
 
@@ -85,17 +93,43 @@ def docvqa_defaults(first) -> dict:
     defaults = {"model": DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "epochs": 3, "batch_size": 16,
                 "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
                 "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5,
-                "num_workers": 2, "feature_cache": "none"}
-    if first.train_vision is not False:  # the tower trains unless the command line says --no-train-vision
-        defaults.update(train_vision=True, vision_lr=1e-4)
+                "num_workers": 2, "feature_cache": "memory"}  # fine-tuning: the pretrained tower frozen, cached
+    if first.train_vision:  # --train-vision: the tower trains in fine-tuning too (at the pretraining's rate)
+        defaults.update(vision_lr=VISION_LR, feature_cache="none")
     if first.optimizer == "adamw":  # an AdamW setting: not for --optimizer sgd
         defaults["embedding_eps"] = 3e-4
     return defaults
 
 
-def run_docvqa(cfg: TrainConfig) -> dict:
+def timed(run: Callable[[TrainConfig], tuple[dict, int]]) -> Callable[[TrainConfig], dict]:
+    """A demo's orchestration `run(cfg) -> (summary, steps)`, measured: the machine's float32 matmul rate first (a
+    second of sgemm), then at the end the demo's time beside it, so that times of different sittings compare."""
+
+    @functools.wraps(run)
+    def measured(cfg: TrainConfig) -> dict:
+        d = distributed.setup(cfg.device)
+        speed = matmul_peak(d.device, n=SPEED_MATMUL, reps=SPEED_REPS)["median"]
+        if d.is_main:
+            print(f"this machine: float32 matmul {speed:.1f} GFLOP/s ({d.device}, {torch.get_num_threads()} threads)",
+                  flush=True)
+        started = time.perf_counter()
+        summary, steps = run(cfg)
+        seconds = time.perf_counter() - started
+        if d.is_main:
+            minutes, rest = divmod(round(seconds), 60)
+            print(f"demo: {minutes} min {rest:02d} s in all, {steps} optimizer steps ({steps / seconds:.2f} steps/s "
+                  f"with the data, the evaluations and the saves), on a machine of {speed:.1f} GFLOP/s (float32 "
+                  "matmul)", flush=True)
+        return {**summary, "demo_seconds": seconds, "matmul_gflops": speed}
+
+    return measured
+
+
+@timed
+def run_docvqa(cfg: TrainConfig) -> tuple[dict, int]:
     """Write the synthetic documents (and, for the demo's own model, its captions and initial weights), pretrain
-    that model on the captions (a finished stage is reused: --resume auto), then fine-tune it on the questions."""
+    that model on the captions (a finished stage is reused: --resume auto), then fine-tune it on the questions.
+    Returns the fine-tuning's summary and the steps of both stages."""
     d = distributed.setup(cfg.device)
     stage_dir = cfg.output_dir / DEMO_PRETRAIN
     if d.is_main:
@@ -105,13 +139,16 @@ def run_docvqa(cfg: TrainConfig) -> dict:
             ensure_demo_data(stage_dir / DEMO_CAPTIONS, seed=cfg.seed, captions=True)
             ensure_initial_model(stage_dir / INITIAL_MODEL, seed=cfg.seed)
     distributed.barrier(d)
+    pretraining_steps = 0
     if cfg.model == DEMO_MODEL:
         stage = replace(cfg, output_dir=stage_dir, model=str(stage_dir / INITIAL_MODEL),
                         dataset=str(stage_dir / DEMO_CAPTIONS), prompt_template="{question}", epochs=PRETRAIN_EPOCHS,
-                        resume="auto", eval_before_training=False, max_new_tokens=40)
-        fit(stage)
+                        resume="auto", eval_before_training=False, max_new_tokens=40, train_vision=True,
+                        vision_lr=VISION_LR, feature_cache="none")
+        pretraining_steps = fit(stage)["steps"]
         cfg = replace(cfg, model=str(ckpt.latest_checkpoint(stage_dir)))
-    return fit(cfg)
+    summary = fit(cfg)
+    return summary, pretraining_steps + summary["steps"]
 
 
 def ensure_initial_model(folder: Path, seed: int, build=demo_model) -> Path:

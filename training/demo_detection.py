@@ -16,20 +16,21 @@ from scratch on the CPU, evaluated with COCO mAP on held-out pages before and af
      added to (DaViT features of spread about 1, token embeddings scaled by sqrt(d_model)), not at init_std's 0.06,
      which is lost beside them: with it the decoder could not count the four coordinates of a box (it wrote two,
      then the next label) and the image tokens barely said where they were.
-3. Training from that initialization with the DocVQA demo's recipe for training from scratch (AdamW, the vision
-   tower at a lower learning rate, a larger Adam eps for the token embedding), at the higher rates that learned
-   fastest here (2e-3, the vision tower 3e-4), no caption stage, two epochs over 6000 pages, and the text encoder
-   frozen at its random initialization (`--no-train-text-encoder`). Trained, the encoder learns first to erase the
-   image tokens, before the decoder has learned to read them: the image is noise to a decoder that writes the
-   layout's priors. On pages of one region each (vision tower frozen), its self-attention outputs grew from 0.33 to
-   1.9 of the residual's scale, nearly the same for every token, and the image tokens it put out differed across
-   pages by 4% of their scale (29% at initialization); the decoder wrote the same box on every page. Frozen, the
-   random encoder passes the image through and the gradient reaches the vision tower: a linear probe on the tower's
-   tokens finds stamps 0.58 of the time after this recipe (0.03 at initialization, 0.08 with the encoder trained).
+3. Training from that initialization with the DocVQA demo's recipe for training from scratch (AdamW, the vision tower at
+   a lower learning rate, a larger Adam eps for the token embedding), at the higher rates that learned fastest here
+   (2e-3, the vision tower 3e-4), no caption stage, two epochs over 6000 pages, and the text encoder frozen at its
+   random initialization (`--no-train-text-encoder`). Trained, the encoder learns first to erase the image tokens,
+   before the decoder has learned to read them: the image is noise to a decoder that writes the layout's priors. On
+   pages of one region each (vision tower frozen), its self-attention outputs grew from 0.33 to 1.9 of the residual's
+   scale, nearly the same for every token, and the image tokens it put out differed across pages by 4% of their scale
+   (29% at initialization); the decoder wrote the same box on every page. Frozen, the random encoder passes the image
+   through and the gradient reaches the vision tower: a linear probe on the tower's tokens finds stamps 0.58 of the time
+   after this recipe (0.03 at initialization, 0.08 with the encoder trained).
 What it learns in those minutes (README, "the detection demo"): the header (AP50 1.0), and the other categories
 on the page in the second epoch (AP50 0.15-0.51 each): mAP50 0.44 from 0.
-Before training, every 100 steps and at the end the trainer logs eval_map, eval_map50 and eval_map75 on the valid split;
-`blind-baseline.json` holds what an image-blind guess scores there (each category's mean box on every page).
+Before training, every 300 steps and at the end of each epoch the trainer logs eval_map, eval_map50 and eval_map75 on
+the valid split; `blind-baseline.json` holds what an image-blind guess scores there (each category's mean box on every
+page).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def detection_defaults(first) -> dict:
     """The preset: the small model on synthetic document regions, trained from scratch (see the module's
     docstring)."""
     defaults = {"model": demo.DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "format": "auto",
-                "epochs": 2, "eval_every": 100, "train_text_encoder": False, "batch_size": 16, "optimizer": "adamw",
+                "epochs": 2, "eval_every": 300, "train_text_encoder": False,
+                "batch_size": 16, "optimizer": "adamw",
                 "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "eval_before_training": True, "num_beams": 1,
                 "max_new_tokens": 32, "log_every": 5, "num_workers": 2, "feature_cache": "none"}
     if first.train_vision is not False:  # the tower trains unless the command line says --no-train-vision
@@ -69,9 +71,10 @@ def detection_defaults(first) -> dict:
     return defaults
 
 
-def run_detection(cfg: TrainConfig) -> dict:
+@demo.timed
+def run_detection(cfg: TrainConfig) -> tuple[dict, int]:
     """Write the COCO export (and, for the demo's own model, its initial weights and the blind baseline), then
-    train."""
+    train. Returns the run's summary and its steps."""
     d = distributed.setup(cfg.device)
     initial = cfg.output_dir / INITIAL_MODEL
     if d.is_main:
@@ -83,7 +86,8 @@ def run_detection(cfg: TrainConfig) -> dict:
     distributed.barrier(d)
     if cfg.model == demo.DEMO_MODEL:
         cfg = replace(cfg, model=str(initial))
-    return fit(cfg)
+    summary = fit(cfg)
+    return summary, summary["steps"]
 
 
 def ensure_demo_pages(folder: Path, seed: int, log=print) -> Path:

@@ -3,9 +3,10 @@
     python -m training.synthetic_detection OUT_DIR [--train-pages 1200] [--valid-pages 64] [--test-pages 64]
                                                    [--seed 0]
 
-Each page is drawn with PIL (the typeface and the table, stamp and signature styles of training/synthetic.py) and
-holds 2-5 labelled regions among unlabelled lines of small print, each in a block of the page's layout (below the
-header, 3 rows of 2 blocks; a table or a title may take a whole row), at a random size and place within it:
+Each page is drawn with PIL at 600x800 (the typeface and the table, stamp and signature styles of
+training/synthetic.py), written at 300x400 (each pixel the mean of a 2x2 block, the boxes halved exactly), and holds 2-5
+labelled regions among unlabelled lines of small print, each in a block of the page's layout (below the header, 3 rows
+of 2 blocks; a table or a title may take a whole row), at a random size and place within it:
 - `header`: a coloured band across the top of the page (on some pages), with the company's name in it;
 - `title`: one large word (INVOICE, REPORT, ...);
 - `table`: a ruled table with a dark header row and 2-6 zebra-shaded data rows;
@@ -44,6 +45,7 @@ from .synthetic import (
     ITEMS,
     PALETTE,
     REGIONS,
+    SCAN_REDUCTION,
     SENTENCES,
     STAMP_WORDS,
     TITLES,
@@ -56,7 +58,7 @@ from .synthetic import (
 
 CATEGORIES = ("header", "title", "table", "stamp", "signature")
 SPLITS = ("train", "valid", "test")
-PAGE_SIZE = (600, 800)  # (width, height): a portrait page; the demo sees it at 192x192
+PAGE_SIZE = (600, 800)  # (width, height): the page as drawn, portrait; written at 1/SCAN_REDUCTION of it
 HEADER_SHARE = 0.6  # pages with a header band
 ROWS = 3  # rows of blocks below the header
 
@@ -265,11 +267,13 @@ def coco_split(folder: Path, seed: int, split: str, pages: int) -> dict:
 
 
 def draw_page_file(folder: Path, seed: int, split: str, index: int) -> tuple[str, tuple[int, int], list]:
-    """Draw page `index` of a split into `folder`: its file name, size and regions."""
+    """Draw page `index` of a split into `folder`, written at 1/SCAN_REDUCTION of its drawn size: its file name,
+    written size and regions (in the written page's pixels)."""
     image, regions = make_page(seed, split, index)
+    image = image.reduce(SCAN_REDUCTION)  # each written pixel the mean of a 2x2 block: exact box scaling
     name = f"{split}-{index:05d}.png"
     image.save(folder / name)
-    return name, image.size, regions
+    return name, image.size, [(category, tuple(v / SCAN_REDUCTION for v in box)) for category, box in regions]
 
 
 def write_coco(out_dir: str | Path, counts: dict[str, int], seed: int) -> Path:

@@ -105,9 +105,9 @@ def fit(cfg: TrainConfig) -> dict:
                 run.state.position += run.global_batch
                 samples_per_s = run.global_batch / (time.perf_counter() - step_started)
                 if progress is not None:
-                    progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                                         samples_per_s=f"{samples_per_s:.1f}")
+                                         samples_per_s=f"{samples_per_s:.1f}", refresh=False)  # drawn by update
+                    progress.update(1)
                 on_step_end(run, loss, samples_per_s)
             if progress is not None:
                 progress.close()
@@ -443,13 +443,17 @@ def log(run: Run, record: dict) -> None:
 
 
 def progress_bar(run: Run):
+    """A bar over all the run's steps (one per epoch, each starting where the run is), showing the expected time to
+    the last step from the first step on. In a terminal it redraws in place ten times a second; when stderr is a
+    file or a pipe, tqdm still writes every redraw (after a carriage return, with no newline, so a log holds one
+    growing line), hence there at most one redraw a minute."""
     if not run.dist.is_main:
         return None
     from tqdm import tqdm
 
-    done = run.state.position // run.global_batch
-    return tqdm(total=run.steps_per_epoch, initial=done, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
-                unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=run.total_steps, initial=run.state.step, desc=f"epoch {run.state.epoch + 1}/{run.cfg.epochs}",
+                unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                mininterval=0.1 if sys.stderr.isatty() else 60.0)
 
 
 def say(run: Run, message: str) -> None:
