@@ -424,11 +424,9 @@ def commands_in(text: str, where: str) -> list[Command]:
     """This package's commands in a piece of shell: python -m florence2[.x] / training.x, python tools/x.py,
     torchrun ... -m x; continuation lines joined, comments dropped, `a; b`, `a && b`, `for ...; do a & done` split."""
     commands = []
-    for line in text.replace("\\\n", " ").splitlines():
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
-        lexer.whitespace_split = True
+    for line in shell_lines(text, where):
         words = []
-        for token in [*lexer, ";"]:
+        for token in [*shell_words(line), ";"]:
             if token not in SEPARATORS:
                 words.append(token)
                 continue
@@ -439,6 +437,27 @@ def commands_in(text: str, where: str) -> list[Command]:
                 commands.append(Command(where, *command))
             words = []
     return commands
+
+
+def shell_words(line: str) -> list[str]:
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def shell_lines(text: str, where: str) -> list[str]:
+    """The shell's logical lines: continuations joined, and a quote that spans lines (curl -d '{...}') kept whole."""
+    lines, pending = [], None
+    for line in text.replace("\\\n", " ").splitlines():
+        pending = line if pending is None else f"{pending}\n{line}"
+        try:
+            shell_words(pending)
+        except ValueError:  # no closing quotation yet
+            continue
+        lines.append(pending)
+        pending = None
+    assert pending is None, f"{where}: a quote that never closes"
+    return lines
 
 
 def ours(words: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
