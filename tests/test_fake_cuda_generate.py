@@ -44,13 +44,12 @@ IMAGE = TINY / "images" / "rgb_640x480.png"
 
 # function of the florence2 package -> (the stand-in value of its read, why it may read)
 ALLOWED_READS = {
-    "_check_ids": (False, "input check, once per call: are the prompt ids inside the vocabulary"),
-    "encode": (False, "once per call: is any prompt padded (no mask is built when none is)"),
     "reached_end": (False, "the end check of the loop, once every END_CHECK_EVERY steps (False: run to the end)"),
     "output_length": (MAX_NEW_TOKENS + 1, "once, after the loop: the output's length, to cut the buffers"),
 }
 
-ONCE_PER_CALL = Counter({"_check_ids": 2, "encode": 1, "output_length": 1})  # _check_ids: the least and largest id
+# (the model reads no ids and no mask of a tensor on a GPU: it checks ids only on the CPU, and uses a GPU mask as given)
+ONCE_PER_CALL = Counter({"output_length": 1})
 
 
 class HostReads(TorchDispatchMode):
@@ -209,7 +208,7 @@ def test_server_batched_generate(model, processor, recorded):
     jobs = []
     for task, text in (("<OD>", None), ("<CAPTION_TO_PHRASE_GROUNDING>", "a red car")):
         task, text, options = server.check_request(task, text, {"max_new_tokens": MAX_NEW_TOKENS}, from_form=False)
-        jobs.append(host_side(server.prepare, data, task, text, options, key=None))
+        jobs.append(host_side(server.prepare, data, task + (text or ""), task, options, key=None))  # prompt, task
     with faked(model) as host:
         server.run(jobs)
     (out,) = recorded
