@@ -129,16 +129,14 @@ def test_the_server_and_batch_flags_reach_the_compiled_step(tiny_checkpoint, tmp
     """--compile on `python -m florence2 predict` and on the server (Server(compile=True), what its flag sets) run
     the compiled step and answer what they answer without it."""
     import json
+    import shutil
 
     from florence2.batch import main as predict_main
+    from florence2.processor import Florence2Processor
     from florence2.serve import Server
     from florence2.serve.command import parse_args
 
     from .conftest import TINY
-
-    import shutil
-
-    from florence2.processor import Florence2Processor
 
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, checkpoint)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .conftest import BIAS, FIXTURES
@@ -268,13 +269,14 @@ def doc_session(doc_checkpoint, tmp_path, monkeypatch, one_thread):
         (snapshot.parents[1] / "refs" / "main").write_text(revision)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # SAHI turns PIL's decompression-bomb guard off for the whole process when it opens a path (sliced-inference.md):
+    # put it back after the page, for the tests that follow in this process
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     work = tmp_path / "work"
     work.mkdir()
     for name, fixture in DOC_IMAGES.items():
-        from PIL import Image
-
         Image.open(FIXTURES / "tiny" / "images" / fixture).convert("RGB").save(work / name)
     write_adapter(work / "path" / "to" / "adapter", doc_checkpoint)
     monkeypatch.chdir(work)
