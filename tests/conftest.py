@@ -100,18 +100,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def offline_hub_cache(monkeypatch, hub: Path, checkpoint: Path) -> None:
-    """No network, and a Hugging Face cache under `hub` holding `checkpoint`'s config and weights as the repo
-    someone/florence-tiny (its main ref pointing to that snapshot)."""
+def offline_hub_cache(monkeypatch, hub: Path, checkpoint: Path, repos: tuple[str, ...] = ("someone/florence-tiny",),
+                      files: tuple[str, ...] | None = ("config.json", "model.safetensors")) -> None:
+    """No network, and a Hugging Face cache under `hub` holding `checkpoint`'s `files` (None: the whole folder) as
+    each of `repos` (its main ref pointing to that snapshot)."""
     from huggingface_hub import constants
 
     revision = "a" * 40
-    snapshot = hub / "models--someone--florence-tiny" / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(checkpoint / name, snapshot / name)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text(revision)
+    for repo in repos:
+        snapshot = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+        if files is None:
+            shutil.copytree(checkpoint, snapshot)
+        else:
+            snapshot.mkdir(parents=True)
+            for name in files:
+                shutil.copy(checkpoint / name, snapshot / name)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text(revision)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))

@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .conftest import BIAS, FIXTURES
+from .conftest import BIAS, FIXTURES, offline_hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -258,22 +258,10 @@ def doc_export(doc_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture
 def doc_session(doc_checkpoint, tmp_path, monkeypatch, one_thread):
     """A working folder with the blocks' files and a Hugging Face cache with DOC_REPOS, offline."""
-    from huggingface_hub import constants
-
-    hub = tmp_path / "hub"
-    revision = "0" * 40
-    for repo in DOC_REPOS:
-        snapshot = hub / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
-        shutil.copytree(doc_checkpoint, snapshot)
-        (snapshot.parents[1] / "refs").mkdir()
-        (snapshot.parents[1] / "refs" / "main").write_text(revision)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub_cache(monkeypatch, tmp_path / "hub", doc_checkpoint, DOC_REPOS, files=None)
     # SAHI turns PIL's decompression-bomb guard off for the whole process when it opens a path (sliced-inference.md):
     # put it back after the page, for the tests that follow in this process
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     work = tmp_path / "work"
     work.mkdir()
     for name, fixture in DOC_IMAGES.items():
