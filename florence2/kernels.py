@@ -23,6 +23,9 @@ run only where they are switched on:
   `NormLinear`).
 - channels_first_conv: the strided patch convolutions of stages 1-3 on channels-first copies (see
   `channels_first_conv`).
+- fused_cross_entropy: the LM head's loss without its logits kept twice, the gradient of the logits computed in
+  forward (see `LinearCrossEntropy`); for callers that want the loss alone (`Florence2(..., return_logits=False)`,
+  what the trainer asks for).
 - few_rows_linear (in both): the text model's linear layers and LM head multiply few rows as W @ x^T (see
   `FEW_ROWS`); a decoding step, or a short teacher-forced batch.
 
@@ -44,7 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INFERENCE = frozenset({"inplace_vision", "folded_channel_attention", "few_rows_linear"})
-TRAINING = frozenset({"recompute_gelu", "recompute_norm", "channels_first_conv", "few_rows_linear"})
+TRAINING = frozenset({"recompute_gelu", "recompute_norm", "channels_first_conv", "fused_cross_entropy",
+                      "few_rows_linear"})
 PRESETS = {"inference": INFERENCE, "training": TRAINING}
 KERNELS = INFERENCE | TRAINING
 
@@ -328,6 +332,58 @@ class NormLinear(torch.autograd.Function):
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)) through `NormLinear`."""
     return NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+
+
+# ---------------------------------------------------------------------------------------------- fused_cross_entropy
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of logits = linear(h, weight) + bias at the targets != ignore_index, whose backward
+    is two matmuls. Forward computes the product of all rows at once (one pass over the weight), then, CHUNK_FLOATS
+    at a time, the chunk's log-softmax, its loss and its gradient (softmax minus the one-hot target, zero on ignored
+    rows), written back over the product: backward keeps that one (N, vocab) tensor. Autograd's cross_entropy keeps
+    the logits and their log-softmax, whole-size temporaries whose fresh pages cost more than their math on the
+    CPU, and runs three passes over them in backward. The demo model (vocabulary 51289, width 192), batch 16 of 29
+    target positions: see docs/examples/detection.md. The logits are the LM head's (`LanguageModel.logits`: the
+    product in the autocast dtype, then the float32 bias), so the loss is the reference's up to the order of the
+    sums, and the gradient goes back in the product's dtype, as autograd's does."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index):
+        rows, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        product = F.linear(rows, weight)  # (N, vocab); under autocast in its dtype, as the reference's
+        wide = torch.promote_types(product.dtype, torch.float32)
+        valid = (targets != ignore_index)[:, None]
+        index = torch.where(valid, targets[:, None], 0)
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=wide, device=h.device)
+        step = max(1, CHUNK_FLOATS // product.shape[1])
+        for start in range(0, product.shape[0], step):
+            chunk, at, keep = (t[start:start + step] for t in (product, index, valid))
+            log_probs = (chunk.to(wide) + bias).log_softmax(dim=-1)
+            loss = loss - (log_probs.gather(1, at) * keep).sum()
+            if wants_grad:
+                probs = log_probs.exp_()
+                chunk.copy_(probs.scatter_add_(1, at, -keep.to(wide)).mul_(keep))
+        if wants_grad:
+            ctx.save_for_backward(product, rows, weight)
+            ctx.shape = h.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, rows, weight = ctx.saved_tensors
+        grad_h = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_h = ((grad @ weight.to(grad.dtype)) * grad_loss).to(rows.dtype).view(ctx.shape)
+        if ctx.needs_input_grad[1]:  # the scalar on the (N, dim) side, not on the (vocab, dim) product
+            grad_weight = (grad.t() @ (rows * grad_loss).to(grad.dtype)).to(weight.dtype)
+        return grad_h, grad_weight, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int) -> torch.Tensor:
+    """sum of F.cross_entropy(linear(h, weight) + bias, targets, ignore_index) through `LinearCrossEntropy`; h
+    (..., dim), targets (...). The bias gets no gradient (Florence-2's final_logits_bias is a buffer)."""
+    return LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------- channels_first_conv

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import kernels
 from .attention import attention
-from .config import TextConfig
+from .config import IGNORE_INDEX, TextConfig
 
 
 class LearnedPositions(nn.Embedding):
@@ -215,7 +215,7 @@ class Decoder(Stack):
 
 
 class LanguageModel(nn.Module):
-    KERNELS = ("few_rows_linear",)  # in the LM head
+    KERNELS = ("few_rows_linear", "fused_cross_entropy")  # in the LM head
     active_kernels = frozenset()
 
     def __init__(self, c: TextConfig):
@@ -234,6 +234,14 @@ class LanguageModel(nn.Module):
         """The LM head tied to `shared`, plus `final_logits_bias`; float32 like the original's output."""
         head = kernels.few_rows_linear if "few_rows_linear" in self.active_kernels else F.linear
         return (head(h, self.shared.weight) + self.final_logits_bias).float()
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the LM head's logits at h (B, T, d) against labels (B, T), IGNORE_INDEX left
+        out; through the fused_cross_entropy kernel when it is on."""
+        if "fused_cross_entropy" in self.active_kernels:
+            total = kernels.linear_cross_entropy(h, self.shared.weight, self.final_logits_bias, labels, IGNORE_INDEX)
+            return total / (labels != IGNORE_INDEX).sum()
+        return F.cross_entropy(self.logits(h).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def new_cache(self, encoder_out: torch.Tensor, max_length: int, copies: int = 1) -> list[LayerCache]:
         """Empty self-attention buffers of `max_length` positions for `copies` sequences per image (beams, returned

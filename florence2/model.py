@@ -168,14 +168,21 @@ class Florence2(nn.Module):
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
                encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced decoder pass -> logits (B, T, vocab) float32."""
+        return self.language_model.logits(self.decode_hidden(decoder_input_ids, encoder_out, encoder_mask))
+
+    def decode_hidden(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
+                      encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced decoder pass -> the last layer's hidden states (B, T, d_model), before the LM head."""
         lm = self.language_model
-        h = lm.decoder(lm.embed(decoder_input_ids).to(encoder_out.dtype), encoder_out, encoder_mask)
-        return lm.logits(h)
+        return lm.decoder(lm.embed(decoder_input_ids).to(encoder_out.dtype), encoder_out, encoder_mask)
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *,
-                vision_features: torch.Tensor | None = None) -> Florence2Output:
+                vision_features: torch.Tensor | None = None, return_logits: bool = True) -> Florence2Output:
+        """Teacher-forced pass. With labels, the loss is their mean cross-entropy; `return_logits=False` (with
+        labels) computes the loss alone, through the fused_cross_entropy training kernel where it is on, and leaves
+        `logits` None: the (B, T, vocab) logits are the largest tensor of a text-model step."""
         if input_ids is None:
             raise ValueError("input_ids is required (the tokenized prompt; Florence2Processor makes it)")
         text = self.config.text
@@ -191,14 +198,18 @@ class Florence2(nn.Module):
         if decoder_input_ids.shape[1] > text.max_position_embeddings:
             raise ValueError(f"decoder length {decoder_input_ids.shape[1]} exceeds the decoder's "
                              f"{text.max_position_embeddings} positions")
+        if labels is not None and labels.shape != decoder_input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} differs from decoder_input_ids shape "
+                             f"{tuple(decoder_input_ids.shape)}")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False computes the loss alone: give labels")
         encoder_out, encoder_mask = self.encode(input_ids, attention_mask, pixel_values, vision_features)
-        logits = self.decode(decoder_input_ids, encoder_out, encoder_mask)
+        h = self.decode_hidden(decoder_input_ids, encoder_out, encoder_mask)
+        logits = self.language_model.logits(h) if return_logits else None
         loss = None
         if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels shape {tuple(labels.shape)} differs from decoder_input_ids shape "
-                                 f"{tuple(decoder_input_ids.shape)}")
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss = (self.language_model.loss(h, labels) if logits is None else
+                    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX))
         return Florence2Output(logits, loss, encoder_out, encoder_mask)
 
     # ----------------------------------------------------------------------------------- build, load, save

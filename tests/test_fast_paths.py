@@ -1,6 +1,7 @@
 """The kernels of florence2/kernels.py compute what the reference forward computes (DaViT's in-place blocks in bands
 and chunks, the folded channel attention, the left-multiplied linear of few rows, GELU recomputed in backward, the
-channels-first strided conv), run only where they are switched on, and refuse wrapped layers clearly."""
+channels-first strided conv, the cross-entropy fused with the LM head), run only where they are switched on, and
+refuse wrapped layers clearly."""
 
 import warnings
 
@@ -157,16 +158,71 @@ def test_recompute_norm_gives_the_reference_block_gradients(window_size):
         torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
-def test_training_kernels_give_the_reference_loss_and_gradients():
-    # the whole model in a training step: recompute_gelu, recompute_norm, channels_first_conv and few_rows_linear
-    # (32 label rows)
+@pytest.mark.parametrize("chunk_floats", [kernels.CHUNK_FLOATS, 40])  # 40: a chunk of one row at a time
+def test_cross_entropy_fused_with_the_lm_head(monkeypatch, chunk_floats):
+    monkeypatch.setattr(kernels, "CHUNK_FLOATS", chunk_floats)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 5, 8, dtype=torch.double, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.double, generator=g, requires_grad=True)
+    bias = torch.randn(1, 11, dtype=torch.double, generator=g)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    targets[0, 3:] = targets[2, 0] = -100
+    torch.autograd.gradcheck(lambda h, w: kernels.linear_cross_entropy(h, w, bias, targets, -100), (h, weight))
+    reference = F.cross_entropy((F.linear(h, weight) + bias).flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                reduction="sum")
+    torch.testing.assert_close(kernels.linear_cross_entropy(h, weight, bias, targets, -100), reference)
+    saved = []  # backward keeps one (rows, vocab) tensor, the logits' gradient, not the logits and log-softmax
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.linear_cross_entropy(h, weight, bias, targets, -100)
+    assert [t.shape for t in saved if t.shape[-1] == 11] == [(15, 11)]
+    with torch.no_grad():  # no gradient asked for: the loss alone
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, weight, bias, targets, -100), reference)
+
+
+def test_fused_cross_entropy_under_bf16_autocast():
+    # the product in bf16, the float32 bias, the gradient back in bf16: as autograd does for the reference
     model = tiny_model().train()
     x, ids = pixels(2, 64, 64), torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
     labels = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(4))
+    labels[1, 10:] = -100
+    results = []
+    for on in (None, ["fused_cross_entropy"]):
+        kernels.use(model, on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(pixel_values=x, input_ids=ids, labels=labels, return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    (reference_loss, reference), (loss, grads) = results
+    torch.testing.assert_close(loss, reference_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_return_logits():
+    model = tiny_model()
+    x, ids, labels = pixels(1, 64, 64), torch.tensor([[0, 100, 2]]), torch.tensor([[5, 7, -100, 2]])
+    kernels.use(model, "training")
+    with torch.no_grad():
+        full = model(pixel_values=x, input_ids=ids, labels=labels)
+        alone = model(pixel_values=x, input_ids=ids, labels=labels, return_logits=False)
+    assert alone.logits is None and full.logits.shape == (1, 4, model.config.text.vocab_size)
+    torch.testing.assert_close(alone.loss, full.loss)
+    with pytest.raises(ValueError, match="give labels"):
+        model(pixel_values=x, input_ids=ids, decoder_input_ids=torch.tensor([[2, 0]]), return_logits=False)
+
+
+def test_training_kernels_give_the_reference_loss_and_gradients():
+    # the whole model in a training step, as the trainer asks for it (the loss alone): recompute_gelu,
+    # recompute_norm, channels_first_conv, fused_cross_entropy and few_rows_linear (32 label rows)
+    model = tiny_model().train()
+    x, ids = pixels(2, 64, 64), torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
+    labels = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(4))
+    labels[0, 12:] = -100
     results = []
     for on in (None, "training"):
         kernels.use(model, on)
-        loss = model(pixel_values=x, input_ids=ids, labels=labels).loss
+        loss = model(pixel_values=x, input_ids=ids, labels=labels, return_logits=False).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         model.zero_grad()
@@ -202,11 +258,14 @@ def test_a_plain_call_runs_the_reference(monkeypatch):
         monkeypatch.setattr(kernels, name, fail)
     monkeypatch.setattr(kernels.GeluLinear, "apply", fail)
     monkeypatch.setattr(kernels.NormLinear, "apply", fail)
+    monkeypatch.setattr(kernels.LinearCrossEntropy, "apply", fail)
     assert kernels.active(model) == {}
     with torch.no_grad():
         model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]))
     model.train()
-    model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]))
+    for return_logits in (True, False):
+        model(pixel_values=pixels(1, 64, 64), input_ids=torch.tensor([[0, 100, 2]]), labels=torch.tensor([[5, 2]]),
+              return_logits=return_logits)
 
 
 def test_generate_runs_the_inference_kernels_by_default(monkeypatch):

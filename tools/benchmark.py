@@ -177,6 +177,9 @@ def train_fn(impl, model, inputs, args, frozen: bool, cached: bool = False):
         with torch.no_grad(), autocast(args):
             image = {"vision_features": tower(inputs["pixels"]).float()}
 
+    if impl == "ours":  # the loss alone, as the trainer asks for it (fused with the LM head by a training kernel)
+        image["return_logits"] = False
+
     def run():
         with autocast(args):
             loss = model(input_ids=inputs[impl], labels=inputs["labels"], **image).loss

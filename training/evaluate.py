@@ -24,10 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from florence2 import cli
-from florence2.model import shift_right
 
 from . import distributed
 from .data import IGNORE_INDEX, TaskDataset, loader
@@ -35,14 +33,12 @@ from .feature_cache import frozen_features
 from .formats import FORMATS, Columns, DataError, LazyCell
 
 
-def loss_sum(model, module, batch, image_inputs: dict) -> torch.Tensor:
-    """Summed cross-entropy of the batch's target tokens (padding, -100, left out)."""
-    text = module.config.text
-    decoder_input_ids = shift_right(batch.labels, text.decoder_start_token_id, text.pad_token_id)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, decoder_input_ids=decoder_input_ids,
-                **image_inputs)
-    return F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def loss_sum(model, batch, image_inputs: dict) -> torch.Tensor:
+    """Summed cross-entropy of the batch's target tokens (padding, -100, left out): the model's mean times their
+    number. The logits are not asked for (the training kernels then compute the loss fused)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                return_logits=False, **image_inputs)
+    return out.loss * (batch.labels != IGNORE_INDEX).sum()
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -73,7 +69,7 @@ def evaluate(model, module, processor, dataset: TaskDataset, task, categories: d
         batch.labels[torch.tensor(repeated, device=device)] = IGNORE_INDEX
         inputs = image_inputs(batch)
         with autocast(device, bf16):
-            loss += float(loss_sum(model, module, batch, inputs))
+            loss += float(loss_sum(model, batch, inputs))
         with autocast(device, bf16), distributed.gathered(model):
             out = module.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   max_new_tokens=max_new_tokens, num_beams=num_beams, return_scores=task.scored,

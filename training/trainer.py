@@ -282,7 +282,7 @@ def train_step(run: Run, micro: list) -> float:
         with distributed.no_sync(run.model, skip=i < len(micro) - 1):
             with autocast(run.device, run.bf16):
                 if len(batch):
-                    summed = loss_sum(run.model, run.module, batch, image_inputs(run, batch))
+                    summed = loss_sum(run.model, batch, image_inputs(run, batch))
                 else:  # every example of this micro-batch was bad: take part in the step with no gradient
                     summed = sum(p.sum() for p in run.model.parameters() if p.requires_grad) * 0.0
             loss = summed / total_tokens.clamp(min=1) * run.dist.world_size  # ranks' gradients are averaged
