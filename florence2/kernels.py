@@ -335,6 +335,9 @@ def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- fused_cross_entropy
+TARGET_ROWS_ONLY = {"cpu"}  # devices where LinearCrossEntropy multiplies the target rows alone (see there)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of logits = linear(h, weight) + bias at the targets != ignore_index, whose backward
     is two matmuls. Forward computes the product of all rows at once (one pass over the weight), then, CHUNK_FLOATS
@@ -344,11 +347,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     CPU, and runs three passes over them in backward. The demo model (vocabulary 51289, width 192), batch 16 of 29
     target positions: see docs/examples/detection.md. The logits are the LM head's (`LanguageModel.logits`: the
     product in the autocast dtype, then the float32 bias), so the loss is the reference's up to the order of the
-    sums, and the gradient goes back in the product's dtype, as autograd's does."""
+    sums, and the gradient goes back in the product's dtype, as autograd's does. On the CPU only the target rows are
+    multiplied (a quarter of the demo's are padding); elsewhere every row is, and the ignored ones get a zero
+    gradient, since finding the target rows would be a host sync."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, ignore_index):
         rows, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        taken = None
+        if rows.device.type in TARGET_ROWS_ONLY:
+            taken = (targets != ignore_index).nonzero().squeeze(1)
+            rows, targets = rows.index_select(0, taken), targets.index_select(0, taken)
         product = F.linear(rows, weight)  # (N, vocab); under autocast in its dtype, as the reference's
         wide = torch.promote_types(product.dtype, torch.float32)
         valid = (targets != ignore_index)[:, None]
@@ -364,16 +373,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs = log_probs.exp_()
                 chunk.copy_(probs.scatter_add_(1, at, -keep.to(wide)).mul_(keep))
         if wants_grad:
-            ctx.save_for_backward(product, rows, weight)
+            ctx.save_for_backward(product, rows, weight, taken)
             ctx.shape = h.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad, rows, weight = ctx.saved_tensors
+        grad, rows, weight, taken = ctx.saved_tensors
         grad_h = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_h = ((grad @ weight.to(grad.dtype)) * grad_loss).to(rows.dtype).view(ctx.shape)
+            grad_h = ((grad @ weight.to(grad.dtype)) * grad_loss).to(rows.dtype)
+            if taken is not None:
+                grad_h = grad_h.new_zeros(ctx.shape.numel() // ctx.shape[-1], grad_h.shape[1]).index_copy_(
+                    0, taken, grad_h)
+            grad_h = grad_h.view(ctx.shape)
         if ctx.needs_input_grad[1]:  # the scalar on the (N, dim) side, not on the (vocab, dim) product
             grad_weight = (grad.t() @ (rows * grad_loss).to(grad.dtype)).to(weight.dtype)
         return grad_h, grad_weight, None, None, None

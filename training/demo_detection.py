@@ -28,7 +28,7 @@ from scratch on the CPU, evaluated with COCO mAP on held-out pages before and af
    after this recipe (0.03 at initialization, 0.08 with the encoder trained).
 What it learns in those minutes (README, "the detection demo"): the header (AP50 1.0), and the other categories
 on the page in the second epoch (AP50 0.15-0.51 each): mAP50 0.44 from 0.
-Before training, every 300 steps and at the end of each epoch the trainer logs eval_map, eval_map50 and eval_map75 on
+Before training and at the end of each epoch the trainer logs eval_map, eval_map50 and eval_map75 on
 the valid split; `blind-baseline.json` holds what an image-blind guess scores there (each category's mean box on every
 page).
 """
@@ -60,10 +60,11 @@ def detection_defaults(first) -> dict:
     """The preset: the small model on synthetic document regions, trained from scratch (see the module's
     docstring)."""
     defaults = {"model": demo.DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "format": "auto",
-                "epochs": 2, "eval_every": 300, "train_text_encoder": False,
+                "epochs": 2, "eval_every": 0, "train_text_encoder": False,
                 "batch_size": 16, "optimizer": "adamw",
                 "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "eval_before_training": True, "num_beams": 1,
-                "max_new_tokens": 32, "log_every": 5, "num_workers": 2, "feature_cache": "none"}
+                "max_new_tokens": 32, "log_every": 5, "num_workers": demo.LOADER_WORKERS,
+                "feature_cache": "none"}
     if first.train_vision is not False:  # the tower trains unless the command line says --no-train-vision
         defaults.update(train_vision=True, vision_lr=3e-4)
     if first.optimizer == "adamw":
