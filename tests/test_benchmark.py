@@ -35,7 +35,7 @@ def test_benchmark_runs_on_tiny(tmp_path, capsys):
     # training ones for a training step
     inference = {"vision_tower": ["folded_channel_attention", "inplace_vision"], "language_model": ["few_rows_linear"]}
     assert samples["ours"]["forward"]["kernels"] == inference
-    training = {"vision_tower": ["channels_first_conv", "recompute_gelu", "recompute_norm"],
+    training = {"vision_tower": ["channels_first_conv", "recompute_conv_residual", "recompute_gelu", "recompute_norm"],
                 "language_model": ["few_rows_linear"]}
     assert samples["ours"]["train"]["kernels"] == training
     assert samples["ours"]["frozen"]["kernels"] == samples["ours"]["cached"]["kernels"] == inference
