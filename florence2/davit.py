@@ -17,8 +17,8 @@ Tokens are kept as (B, H, W, C) between blocks: LayerNorm and Linear act on the 
 seen as (B, C, H, W) is channels-last, which the depth-wise convs take without a copy.
 
 Each `forward` is the reference math. The fast kernels (in-place blocks for inference, the folded channel attention,
-GELU recomputed in backward, channels-first strided convs in backward) are in kernels.py; a module runs one only
-when `kernels.use` switched it on (its `active_kernels`).
+GELU, the norms and the residual convs recomputed in backward, channels-first strided convs in backward) are in
+kernels.py; a module runs one only when `kernels.use` switched it on (its `active_kernels`).
 
 Module names follow `transformers`' port of Florence-2 (`convs.{s}.conv`, `blocks.{s}.{j}.spatial_block.norm1`,
 ...); `weights.py` maps them to and from Microsoft's names (`convs.{s}.proj`, `...window_attn.norm`, ...).
