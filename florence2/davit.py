@@ -17,8 +17,8 @@ Tokens are kept as (B, H, W, C) between blocks: LayerNorm and Linear act on the 
 seen as (B, C, H, W) is channels-last, which the depth-wise convs take without a copy.
 
 Each `forward` is the reference math. The fast kernels (in-place blocks for inference, the folded channel attention,
-GELU recomputed in backward, channels-first strided convs in backward) are in kernels.py; a module runs one only
-when `kernels.use` switched it on (its `active_kernels`).
+GELU, the norms and the residual convs recomputed in backward, channels-first strided convs in backward) are in
+kernels.py; a module runs one only when `kernels.use` switched it on (its `active_kernels`).
 
 Module names follow `transformers`' port of Florence-2 (`convs.{s}.conv`, `blocks.{s}.{j}.spatial_block.norm1`,
 ...); `weights.py` maps them to and from Microsoft's names (`convs.{s}.proj`, `...window_attn.norm`, ...).
@@ -98,9 +98,11 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """x (..., dim); `norm`: x is not normalized yet, fc1 applies it (Block's recompute_norm kernel)."""
-        h = self.fc1(x) if norm is None else kernels.norm_linear(norm, self.fc1, x)
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., dim); `norm`: x is not normalized yet, fc1 applies it (Block's recompute_norm kernel); `h`: fc1's
+        output, computed by the caller (Block's recompute_conv_residual kernel)."""
+        if h is None:
+            h = self.fc1(x) if norm is None else kernels.norm_linear(norm, self.fc1, x)
         if "recompute_gelu" in self.active_kernels:
             return kernels.GeluLinear.apply(h, self.fc2.weight, self.fc2.bias)
         return self.fc2(F.gelu(h))
@@ -118,21 +120,30 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """x (B, H, W, C); `norm`: x is not normalized yet, the qkv projection applies it to the windows (Block's
-        recompute_norm kernel; a per-token norm does not mind the token order)."""
+    def qkv_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B * nW, ws * ws, C), the windows in row-major order, zero-padded right and bottom."""
         B, H, W, C = x.shape
         ws = self.window_size
         pad_b, pad_r = (-H) % ws, (-W) % ws
         if pad_b or pad_r:
-            if norm is not None:  # the original pads the normalized tokens with zeros
-                x, norm = norm(x), None
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        return x.view(B, (H + pad_b) // ws, ws, (W + pad_r) // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
+
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None, qkv: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x (B, H, W, C); `norm`: x is not normalized yet, the qkv projection applies it to the windows (Block's
+        recompute_norm kernel; a per-token norm does not mind the token order); `qkv`: the projection of
+        qkv_tokens(norm(x)), computed by the caller (Block's recompute_conv_residual kernel)."""
+        B, H, W, C = x.shape
+        ws = self.window_size
+        pad_b, pad_r = (-H) % ws, (-W) % ws
         Hp, Wp = H + pad_b, W + pad_r
-        # (B, Hp, Wp, C) -> (B * nW, ws * ws, C), windows in row-major order
-        windows = x.view(B, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
-        qkv = self.qkv(windows) if norm is None else kernels.norm_linear(norm, self.qkv, windows)
-        qkv = qkv.view(windows.shape[0], ws * ws, 3, self.num_heads, C // self.num_heads)
+        if qkv is None:
+            if (pad_b or pad_r) and norm is not None:  # the original pads the normalized tokens with zeros
+                x, norm = norm(x), None
+            windows = self.qkv_tokens(x)
+            qkv = self.qkv(windows) if norm is None else kernels.norm_linear(norm, self.qkv, windows)
+        qkv = qkv.view(-1, ws * ws, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B * nW, heads, ws * ws, head_dim)
         out = attention(q, k, v, backend=self.backend)
         out = self.proj(out.transpose(1, 2).reshape(-1, ws * ws, C))
@@ -153,15 +164,24 @@ class ChannelAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = "sdpa"  # "eager": never folded (kernels.worth_folding)
 
-    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    @staticmethod
+    def qkv_tokens(x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, N, C)."""
+        B, H, W, C = x.shape
+        return x.reshape(B, H * W, C)
+
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None, qkv: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (B, H, W, C); `norm`: x is not normalized yet, the qkv projection applies it (Block's recompute_norm
-        kernel)."""
+        kernel); `qkv`: the projection of qkv_tokens(norm(x)), computed by the caller (Block's
+        recompute_conv_residual kernel; nothing is left for the fold to save then, so it does not run)."""
         B, H, W, C = x.shape
         N, G = H * W, self.num_groups
-        if "folded_channel_attention" in self.active_kernels and kernels.worth_folding(self, N):
-            return kernels.folded_channel_attention(self, x if norm is None else norm(x))
-        tokens = x.reshape(B, N, C)
-        qkv = self.qkv(tokens) if norm is None else kernels.norm_linear(norm, self.qkv, tokens)
+        if qkv is None:
+            if "folded_channel_attention" in self.active_kernels and kernels.worth_folding(self, N):
+                return kernels.folded_channel_attention(self, x if norm is None else norm(x))
+            tokens = self.qkv_tokens(x)
+            qkv = self.qkv(tokens) if norm is None else kernels.norm_linear(norm, self.qkv, tokens)
         qkv = qkv.view(B, N, 3, G, C // G)
         q, k, v = qkv.permute(2, 0, 3, 4, 1).unbind(0)  # each (B, G, C/G, N): channels are the sequence axis
         # Attention among the channels of a group; the "head dim" is the token axis, hence the N^-0.5 scale.
@@ -178,9 +198,10 @@ class Block(nn.Module):
     """x + dwconv(x), x + attn(LN(x)), x + dwconv(x), x + mlp(LN(x)), with stochastic depth on the two branches.
     The attention is registered under its checkpoint name (`window_attn`, `channel_attn`) and reached as `attn`.
     With the recompute_norm kernel, the attention's qkv projection and the MLP's fc1 apply norm1 and norm2 (see
-    kernels.NormLinear)."""
+    kernels.NormLinear); with recompute_conv_residual (which replaces it where both are on), each conv's residual,
+    its norm and the projection after it are one kernels.ConvNormLinear."""
 
-    KERNELS = ("recompute_norm",)
+    KERNELS = ("recompute_norm", "recompute_conv_residual")
     active_kernels = frozenset()
 
     def __init__(self, dim: int, attn_name: str, attn: nn.Module, drop_path: float):
@@ -199,6 +220,11 @@ class Block(nn.Module):
         return getattr(self, self.attn_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "recompute_conv_residual" in self.active_kernels:
+            x, qkv = kernels.conv_norm_linear(self.conv1, self.norm1, self.attn.qkv, x, self.attn.qkv_tokens)
+            x = x + self.drop_path(self.attn(x, qkv=qkv))
+            x, h = kernels.conv_norm_linear(self.conv2, self.norm2, self.ffn.fc1, x)
+            return x + self.drop_path(self.ffn(x, h=h))
         x = x + self.conv1(x)
         if "recompute_norm" in self.active_kernels:
             x = x + self.drop_path(self.attn(x, norm=self.norm1))
@@ -209,9 +235,13 @@ class Block(nn.Module):
         return x + self.drop_path(self.ffn(self.norm2(x)))
 
     def kernel_targets(self, kernel: str) -> dict[str, nn.Module]:
-        # the norms' and input projections' weights are read, and the attention and MLP called with the norm
-        return {"norm1": self.norm1, "norm2": self.norm2, self.attn_name: self.attn,
-                f"{self.attn_name}.qkv": self.attn.qkv, "ffn": self.ffn, "ffn.fc1": self.ffn.fc1}
+        # the norms' and input projections' weights are read, and the attention and MLP called with the norm (or
+        # the projection); recompute_conv_residual reads the convs' weights too
+        targets = {"norm1": self.norm1, "norm2": self.norm2, self.attn_name: self.attn,
+                   f"{self.attn_name}.qkv": self.attn.qkv, "ffn": self.ffn, "ffn.fc1": self.ffn.fc1}
+        if kernel == "recompute_conv_residual":
+            targets.update(conv1=self.conv1, conv2=self.conv2)
+        return targets
 
 
 class SpatialBlock(Block):

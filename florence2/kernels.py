@@ -21,6 +21,9 @@ run only where they are switched on:
 - recompute_gelu: fc2(gelu(h)) keeps h but not gelu(h) for backward (see `GeluLinear`).
 - recompute_norm: DaViT's LayerNorm before each attention and MLP is recomputed in backward instead of kept (see
   `NormLinear`).
+- recompute_conv_residual: each block's residual depth-wise conv and the norm after it, x1 = x + dwconv(x) and
+  LN(x1), are recomputed from x in backward: x1 is not kept beside x (see `ConvNormLinear`; where it is on, it
+  replaces recompute_norm, whose saving it contains).
 - channels_first_conv: the strided patch convolutions of stages 1-3 on channels-first copies (see
   `channels_first_conv`).
 - fused_cross_entropy: the LM head's loss without its logits kept twice, the gradient of the logits computed in
@@ -47,8 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INFERENCE = frozenset({"inplace_vision", "folded_channel_attention", "few_rows_linear"})
-TRAINING = frozenset({"recompute_gelu", "recompute_norm", "channels_first_conv", "fused_cross_entropy",
-                      "few_rows_linear"})
+TRAINING = frozenset({"recompute_gelu", "recompute_norm", "recompute_conv_residual", "channels_first_conv",
+                      "fused_cross_entropy", "few_rows_linear"})
 PRESETS = {"inference": INFERENCE, "training": TRAINING}
 KERNELS = INFERENCE | TRAINING
 
@@ -332,6 +335,95 @@ class NormLinear(torch.autograd.Function):
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """linear(norm(x)) through `NormLinear`."""
     return NormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+
+
+# ------------------------------------------------------------------------------------------ recompute_conv_residual
+class ConvNormLinear(torch.autograd.Function):
+    """x1 = x + dwconv(x) and linear(tokens(layer_norm(x1))), keeping x (and the norm's per-token mean and 1/std)
+    but neither x1 nor layer_norm(x1) for backward, where both are recomputed: each DaViT block's depth-wise convs
+    are residual and come right before a norm (x + conv1(x) before the attention's, x + conv2(x) before the MLP's),
+    and the conv keeps its input x for its own backward anyway, so x1 need not be kept beside it (`NormLinear` kept
+    x1). x1 is returned too, as a graph node for the residual path (x1 + attn(...)) but not saved; backward adds its
+    gradient to the norm's, then runs the conv's backward. x is (B, H, W, C) (channels-last memory for the conv, as
+    `davit.DepthwiseConv` takes it); `tokens` (default: as they are) puts the normalized tokens in the order the
+    linear layer takes them (the attention's windows, zero-padded, or (B, N, C)), a pure rearrangement whose
+    backward is taken through autograd. Recomputed with the very kernels and input of forward, x1 and the norm are
+    bit-identical to forward's; forward is the reference's math, op for op: conv, add, norm, rearrangement, linear.
+    Under autocast, the conv and the linear layer run in its dtype as in the reference (x1 stays in x's), and
+    backward casts as autocast's ops would. Base, batch 2 at 384 px: about 145 MB less of the 1.11 GB kept for
+    backward, for one extra depth-wise conv per norm in backward. It contains `NormLinear`'s saving: a block with
+    both kernels on runs this one."""
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, conv_bias, norm_weight, norm_bias, weight, bias, conv_args, eps, tokens):
+        conv = F.conv2d(x.permute(0, 3, 1, 2), conv_weight, conv_bias, *conv_args).permute(0, 2, 3, 1)
+        x1 = x + conv
+        y, mean, rstd = torch.native_layer_norm(x1, x1.shape[-1:], norm_weight, norm_bias, eps)
+        out = F.linear(y if tokens is None else tokens(y), weight, bias)
+        ctx.save_for_backward(x, conv_weight, conv_bias, mean, rstd, norm_weight, norm_bias, weight)
+        ctx.conv_dtype, ctx.conv_args, ctx.eps, ctx.tokens = conv.dtype, conv_args, eps, tokens
+        return x1, out
+
+    @staticmethod
+    def backward(ctx, grad_x1, grad):
+        x, conv_weight, conv_bias, mean, rstd, norm_weight, norm_bias, weight = ctx.saved_tensors
+        needs_x, needs_conv_weight, needs_conv_bias, needs_norm_weight, needs_norm_bias, needs_weight, needs_bias = (
+            ctx.needs_input_grad[:7])
+        dtype = ctx.conv_dtype  # autocast's: the conv's operands were cast to it
+        image = x.permute(0, 3, 1, 2).to(dtype)
+        conv_bias_ = None if conv_bias is None else conv_bias.to(dtype)
+        x1 = x + F.conv2d(image, conv_weight.to(dtype), conv_bias_, *ctx.conv_args).permute(0, 2, 3, 1)
+        needs_g1 = needs_x or needs_conv_weight or needs_conv_bias
+        needs_norm = needs_g1 or needs_norm_weight or needs_norm_bias
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_bias = None
+        if needs_weight or (needs_norm and ctx.tokens is not None):
+            y = torch.native_layer_norm(x1, x1.shape[-1:], norm_weight, norm_bias, ctx.eps)[0]
+            tokens = y
+            if ctx.tokens is not None:  # the rearrangement, recorded to take its backward
+                y = y.detach().requires_grad_()
+                with torch.enable_grad():
+                    tokens = ctx.tokens(y)
+            if needs_weight:
+                a = tokens.detach().reshape(-1, tokens.shape[-1])
+                grad_weight = (rows.t() @ a.to(rows.dtype)).to(weight.dtype)
+                del a
+        if needs_bias:
+            grad_bias = rows.sum(dim=0).to(weight.dtype)
+        grad_x = grad_conv_weight = grad_conv_bias = grad_norm_weight = grad_norm_bias = None
+        if needs_norm:
+            grad_y = (grad @ weight.to(grad.dtype)).to(x1.dtype)  # autocast: grad may be bf16 while x1 is fp32
+            if ctx.tokens is not None:
+                grad_y = torch.autograd.grad(tokens, y, grad_y)[0].contiguous()
+            tokens = y = None
+            grad_x1_norm, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                grad_y, x1, x1.shape[-1:], mean, rstd, norm_weight, norm_bias,
+                [needs_g1, needs_norm_weight, needs_norm_bias])
+            del grad_y, x1
+            if needs_g1:  # x1 = x + conv(x): its gradient g1 goes to x directly and through the conv
+                g1 = grad_x1 + grad_x1_norm
+                del grad_x1_norm
+                stride, padding, dilation, groups = ctx.conv_args
+                grad_image, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+                    g1.permute(0, 3, 1, 2).to(dtype), image, conv_weight.to(dtype),
+                    None if conv_bias is None else [conv_bias.shape[0]], stride, padding, dilation, False, [0, 0],
+                    groups, [needs_x, needs_conv_weight, needs_conv_bias])
+                if needs_x:
+                    grad_x = g1 + grad_image.permute(0, 2, 3, 1).to(x.dtype)
+                if needs_conv_weight:
+                    grad_conv_weight = grad_conv_weight.to(conv_weight.dtype)
+                if needs_conv_bias:
+                    grad_conv_bias = grad_conv_bias.to(conv_bias.dtype)
+        return (grad_x, grad_conv_weight, grad_conv_bias, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias,
+                None, None, None)
+
+
+def conv_norm_linear(conv: nn.Conv2d, norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor,
+                     tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x1, linear(tokens(norm(x1)))) with x1 = x + conv(x), through `ConvNormLinear`; x (B, H, W, C), conv a
+    `davit.DepthwiseConv` (any Conv2d of zero padding that keeps the shape)."""
+    return ConvNormLinear.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, linear.weight, linear.bias,
+                                (conv.stride, conv.padding, conv.dilation, conv.groups), norm.eps, tokens)
 
 
 # ---------------------------------------------------------------------------------------------- fused_cross_entropy

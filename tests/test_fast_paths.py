@@ -1,7 +1,7 @@
 """The kernels of florence2/kernels.py compute what the reference forward computes (DaViT's in-place blocks in bands
 and chunks, the folded channel attention, the left-multiplied linear of few rows, GELU recomputed in backward, the
-channels-first strided conv, the cross-entropy fused with the LM head), run only where they are switched on, and
-refuse wrapped layers clearly."""
+channels-first strided conv, the residual convs and norms recomputed in backward, the cross-entropy fused with the
+LM head), run only where they are switched on, and refuse wrapped layers clearly."""
 
 import warnings
 
@@ -158,6 +158,92 @@ def test_recompute_norm_gives_the_reference_block_gradients(window_size):
         torch.testing.assert_close(grad, reference_grads[name], msg=name)
 
 
+@pytest.mark.parametrize("window_size", [None, 3, 2])  # None: the tokens as they are; 3: windows padded; 2: not
+def test_conv_residual_recomputed_in_backward(window_size):
+    conv, norm, linear = davit.DepthwiseConv(6).double(), nn.LayerNorm(6).double(), nn.Linear(6, 9).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(6, dtype=torch.double))
+        norm.bias.add_(torch.randn(6, dtype=torch.double))
+    tokens = None if window_size is None else davit.WindowAttention(6, 2, window_size).qkv_tokens
+    x = torch.randn(2, 4, 6, 6, dtype=torch.double, requires_grad=True)
+    args = ((conv.stride, conv.padding, conv.dilation, conv.groups), norm.eps, tokens)
+    torch.autograd.gradcheck(lambda x, cw, cb, nw, nb, w, b: kernels.ConvNormLinear.apply(x, cw, cb, nw, nb, w, b,
+                                                                                           *args),
+                             (x, conv.weight, conv.bias, norm.weight, norm.bias, linear.weight, linear.bias))
+    x1, out = kernels.conv_norm_linear(conv, norm, linear, x, tokens)
+    reference = x + conv(x)
+    torch.testing.assert_close(x1, reference, rtol=0, atol=0)  # the same kernels on the same input
+    normalized = norm(reference)
+    torch.testing.assert_close(out, linear(normalized if tokens is None else tokens(normalized)), rtol=0, atol=0)
+    saved = []  # what backward keeps: x and the norm's per-token statistics, not x1 nor the normalized tokens
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.conv_norm_linear(conv, norm, linear, x, tokens)
+    assert sum(t.numel() for t in saved if t.shape[:-1] == x.shape[:-1]) == x.numel() + 2 * 2 * 4 * 6
+    assert not any(t.numel() == x.numel() and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+                   for t in saved)
+
+
+def kept_activations(module, x) -> int:
+    """Storages of x's size that a forward of `module` keeps for backward (each once)."""
+    kept = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: kept.setdefault(t.untyped_storage().data_ptr(), t.numel()) and t, lambda t: t):
+        module(x)
+    return sum(n == x.numel() for n in kept.values())
+
+
+@pytest.mark.parametrize("window_size", [7, 8])  # 7: windows padded at the bottom and right; 8: none padded
+def test_recompute_conv_residual_gives_the_reference_block_gradients(window_size):
+    stage = tiny_model(window_size).vision_tower.train().blocks[0]
+    for block in (stage[0].spatial_block, stage[0].channel_block):
+        block.drop_path.p = 0.4  # stochastic depth, the same draws on both paths
+    x = torch.randn(2, 16, 16 if window_size == 8 else 12, stage[0].spatial_block.norm1.normalized_shape[0],
+                    requires_grad=True)
+    results = []
+    for on in (None, ["recompute_conv_residual"], "training"):
+        kernels.use(stage, on)
+        torch.manual_seed(0)
+        out = stage[0](x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
+        x.grad = None
+        stage.zero_grad()
+    (reference, reference_x, reference_grads), *fast = results
+    assert not torch.equal(reference[0], reference[1])
+    for out, grad_x, grads in fast:
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        torch.testing.assert_close(grad_x, reference_x)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], msg=name)
+    kept = []  # x1 and x3 of each block are no longer kept beside x and x2, the convs' inputs
+    for on in (["recompute_norm"], ["recompute_conv_residual"]):
+        kernels.use(stage, on)
+        kept.append(kept_activations(stage[0], x))
+    assert kept[0] - kept[1] == 4
+
+
+def test_recompute_conv_residual_under_bf16_autocast():
+    # the convs and projections in bf16, the residual stream and the norms in float32: as autocast runs the reference
+    stage = tiny_model(7).vision_tower.train().blocks[0]
+    x = torch.randn(2, 16, 12, stage[0].spatial_block.norm1.normalized_shape[0], requires_grad=True)
+    results = []
+    for on in (None, ["recompute_conv_residual"]):
+        kernels.use(stage, on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = stage[0](x)
+        out.float().square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in stage.named_parameters()}))
+        x.grad = None
+        stage.zero_grad()
+    (reference, reference_x, reference_grads), (out, grad_x, grads) = results
+    assert out.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, reference_x, rtol=2e-2, atol=1e-3)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, reference_grads[name], rtol=2e-2, atol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize("chunk_floats", [kernels.CHUNK_FLOATS, 40])  # 40: a chunk of one row at a time
 @pytest.mark.parametrize("target_rows_only", [True, False])  # the CPU's way, and the GPU's (every row multiplied)
 def test_cross_entropy_fused_with_the_lm_head(monkeypatch, chunk_floats, target_rows_only):
@@ -223,7 +309,8 @@ def test_return_logits():
 
 def test_training_kernels_give_the_reference_loss_and_gradients():
     # the whole model in a training step, as the trainer asks for it (the loss alone): recompute_gelu,
-    # recompute_norm, channels_first_conv, fused_cross_entropy and few_rows_linear (32 label rows)
+    # recompute_norm, recompute_conv_residual, channels_first_conv, fused_cross_entropy and few_rows_linear (32 label
+    # rows)
     model = tiny_model().train()
     x, ids = pixels(2, 64, 64), torch.tensor([[0, 100, 200, 2], [0, 300, 400, 2]])
     labels = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -267,6 +354,7 @@ def test_a_plain_call_runs_the_reference(monkeypatch):
         monkeypatch.setattr(kernels, name, fail)
     monkeypatch.setattr(kernels.GeluLinear, "apply", fail)
     monkeypatch.setattr(kernels.NormLinear, "apply", fail)
+    monkeypatch.setattr(kernels.ConvNormLinear, "apply", fail)
     monkeypatch.setattr(kernels.LinearCrossEntropy, "apply", fail)
     assert kernels.active(model) == {}
     with torch.no_grad():
@@ -323,6 +411,12 @@ def test_wrapped_layers_are_refused_by_name():
     assert kernels.active(model) == {}  # nothing switched on
     with pytest.raises(KernelError, match=r"recompute_gelu: vision_tower\.blocks\.1\.0\.channel_block\.ffn\.fc2"):
         kernels.use(model, "training")
+    spatial = model.vision_tower.blocks[0][0].spatial_block
+    spatial.conv2 = Wrapper(spatial.conv2)  # the residual conv's weights are read by recompute_conv_residual alone
+    with pytest.raises(KernelError,
+                       match=r"recompute_conv_residual: vision_tower\.blocks\.0\.0\.spatial_block\.conv2 \("):
+        kernels.use(model, ["recompute_conv_residual"])
+    assert kernels.use(spatial, ["recompute_norm"]) == {}  # its convs are not recompute_norm's concern
     model.vision_tower.blocks[0][0].register_forward_hook(lambda *args: None)  # a hook would be skipped too
     with pytest.raises(KernelError, match=r"inplace_vision: vision_tower\.blocks\.0\.0 \("):
         kernels.use(model, ["inplace_vision"])
