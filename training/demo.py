@@ -96,7 +96,8 @@ def docvqa_defaults(first) -> dict:
     defaults = {"model": DEMO_MODEL, "dataset": str(first.output_dir / DEMO_DATA), "epochs": 3, "batch_size": 16,
                 "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 20,
                 "eval_before_training": True, "num_beams": 1, "max_new_tokens": 12, "log_every": 5,
-                "num_workers": LOADER_WORKERS, "feature_cache": "memory"}  # fine-tuning: the pretrained tower frozen, cached
+                "num_workers": LOADER_WORKERS,
+                "feature_cache": "memory"}  # fine-tuning: the pretrained tower frozen, cached
     if first.train_vision:  # --train-vision: the tower trains in fine-tuning too (at the pretraining's rate)
         defaults.update(vision_lr=VISION_LR, feature_cache="none")
     if first.optimizer == "adamw":  # an AdamW setting: not for --optimizer sgd
