@@ -235,13 +235,16 @@ class LanguageModel(nn.Module):
         head = kernels.few_rows_linear if "few_rows_linear" in self.active_kernels else F.linear
         return (head(h, self.shared.weight) + self.final_logits_bias).float()
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean cross-entropy of the LM head's logits at h (B, T, d) against labels (B, T), IGNORE_INDEX left
-        out; through the fused_cross_entropy kernel when it is on."""
-        if "fused_cross_entropy" in self.active_kernels:
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+             logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The cross-entropy ("mean" or "sum" over the targets, IGNORE_INDEX left out) of the LM head's logits at h
+        (B, T, d) against labels (B, T): of `logits` where the caller has them, else through the
+        fused_cross_entropy kernel when it is on."""
+        if logits is None and "fused_cross_entropy" in self.active_kernels:
             total = kernels.linear_cross_entropy(h, self.shared.weight, self.final_logits_bias, labels, IGNORE_INDEX)
-            return total / (labels != IGNORE_INDEX).sum()
-        return F.cross_entropy(self.logits(h).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            return total if reduction == "sum" else total / (labels != IGNORE_INDEX).sum()
+        logits = self.logits(h) if logits is None else logits
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
     def new_cache(self, encoder_out: torch.Tensor, max_length: int, copies: int = 1) -> list[LayerCache]:
         """Empty self-attention buffers of `max_length` positions for `copies` sequences per image (beams, returned

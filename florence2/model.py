@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import weights
@@ -32,7 +31,7 @@ from .language import LanguageModel
 @dataclass
 class Florence2Output:
     logits: torch.Tensor  # (B, T, vocab) float32
-    loss: torch.Tensor | None = None  # mean cross-entropy over labels != IGNORE_INDEX (-100)
+    loss: torch.Tensor | None = None  # cross-entropy over labels != IGNORE_INDEX (-100): mean, or sum
     encoder_last_hidden_state: torch.Tensor | None = None  # (B, S, d)
     encoder_mask: torch.Tensor | None = None  # (B, S) bool, None when nothing is padded
 
@@ -179,10 +178,12 @@ class Florence2(nn.Module):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *,
-                vision_features: torch.Tensor | None = None, return_logits: bool = True) -> Florence2Output:
-        """Teacher-forced pass. With labels, the loss is their mean cross-entropy; `return_logits=False` (with
-        labels) computes the loss alone, through the fused_cross_entropy training kernel where it is on, and leaves
-        `logits` None: the (B, T, vocab) logits are the largest tensor of a text-model step."""
+                vision_features: torch.Tensor | None = None, return_logits: bool = True,
+                loss_reduction: str = "mean") -> Florence2Output:
+        """Teacher-forced pass. With labels, the loss is their cross-entropy, the mean over the target tokens or
+        (loss_reduction="sum") their sum; `return_logits=False` (with labels) computes the loss alone, through the
+        fused_cross_entropy training kernel where it is on, and leaves `logits` None: the (B, T, vocab) logits are
+        the largest tensor of a text-model step."""
         if input_ids is None:
             raise ValueError("input_ids is required (the tokenized prompt; Florence2Processor makes it)")
         text = self.config.text
@@ -203,13 +204,12 @@ class Florence2(nn.Module):
                              f"{tuple(decoder_input_ids.shape)}")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False computes the loss alone: give labels")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         encoder_out, encoder_mask = self.encode(input_ids, attention_mask, pixel_values, vision_features)
         h = self.decode_hidden(decoder_input_ids, encoder_out, encoder_mask)
         logits = self.language_model.logits(h) if return_logits else None
-        loss = None
-        if labels is not None:
-            loss = (self.language_model.loss(h, labels) if logits is None else
-                    F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX))
+        loss = None if labels is None else self.language_model.loss(h, labels, loss_reduction, logits)
         return Florence2Output(logits, loss, encoder_out, encoder_mask)
 
     # ----------------------------------------------------------------------------------- build, load, save

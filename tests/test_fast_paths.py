@@ -303,6 +303,18 @@ def test_return_logits():
         alone = model(pixel_values=x, input_ids=ids, labels=labels, return_logits=False)
     assert alone.logits is None and full.logits.shape == (1, 4, model.config.text.vocab_size)
     torch.testing.assert_close(alone.loss, full.loss)
+    expected_sum = F.cross_entropy(full.logits[0], labels[0], ignore_index=-100, reduction="sum")
+    ignored = torch.full_like(labels, -100)  # no target left (evaluate's repeated examples): a sum of 0, not nan
+    for return_logits in (True, False):
+        with torch.no_grad():
+            summed = model(pixel_values=x, input_ids=ids, labels=labels, return_logits=return_logits,
+                           loss_reduction="sum").loss
+            empty = model(pixel_values=x, input_ids=ids, labels=ignored, return_logits=return_logits,
+                          loss_reduction="sum").loss
+        torch.testing.assert_close(summed, expected_sum)
+        assert float(empty) == 0.0
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(pixel_values=x, input_ids=ids, labels=labels, loss_reduction="none")
     with pytest.raises(ValueError, match="give labels"):
         model(pixel_values=x, input_ids=ids, decoder_input_ids=torch.tensor([[2, 0]]), return_logits=False)
 

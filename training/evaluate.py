@@ -34,11 +34,10 @@ from .formats import FORMATS, Columns, DataError, LazyCell
 
 
 def loss_sum(model, batch, image_inputs: dict) -> torch.Tensor:
-    """Summed cross-entropy of the batch's target tokens (padding, -100, left out): the model's mean times their
-    number. The logits are not asked for (the training kernels then compute the loss fused)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                return_logits=False, **image_inputs)
-    return out.loss * (batch.labels != IGNORE_INDEX).sum()
+    """Summed cross-entropy of the batch's target tokens (padding, -100, left out; 0 where none is left). The
+    logits are not asked for (the training kernels then compute the loss fused)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                 return_logits=False, loss_reduction="sum", **image_inputs).loss
 
 
 def autocast(device: torch.device, enabled: bool):
