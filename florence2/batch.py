@@ -532,8 +532,7 @@ def _regions(answer: dict, kind: str) -> list[dict]:
 def _polygon_region(polygons: list[list[float]], category: str) -> dict:
     xs = [v for p in polygons for v in p[0::2]]
     ys = [v for p in polygons for v in p[1::2]]
-    area = sum(abs(sum(p[i] * p[(i + 3) % len(p)] - p[(i + 2) % len(p)] * p[i + 1]
-                       for i in range(0, len(p), 2))) / 2 for p in polygons)  # shoelace
+    area = sum(slicing.polygon_area(p) for p in polygons)
     return {"category": category, "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], "area": area,
             "segmentation": polygons}
 

@@ -183,14 +183,10 @@ def regions(answer: dict, kind: str) -> list[tuple[str, list[float] | None, list
     for instance, label, score in zip(answer.get("polygons", []),
                                       answer.get(prefix + "labels", answer.get("labels", [])),
                                       answer.get(prefix + "scores", answer.get("scores", []))):
-        polygons = [p for p in instance if len(p) >= 6 and _polygon_area(p) > 0]
+        polygons = [p for p in instance if len(p) >= 6 and slicing.polygon_area(p) > 0]
         if polygons:
             found.append((label, None, polygons, score))
     return found
-
-
-def _polygon_area(p: list[float]) -> float:
-    return abs(sum(p[i] * p[(i + 3) % len(p)] - p[(i + 2) % len(p)] * p[i + 1] for i in range(0, len(p), 2))) / 2
 
 
 # ------------------------------------------------------------------------------------- the command lines' path

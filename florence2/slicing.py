@@ -193,3 +193,8 @@ def _iou(a: Box | None, b: Box | None) -> float:
 
 def _enclosing(boxes: Sequence[Box]) -> Box:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def polygon_area(p: Sequence[float]) -> float:
+    """The area of a flat polygon [x1, y1, x2, y2, ...] (the shoelace formula)."""
+    return abs(sum(p[i] * p[(i + 3) % len(p)] - p[(i + 2) % len(p)] * p[i + 1] for i in range(0, len(p), 2))) / 2

@@ -106,3 +106,16 @@ def test_flash_attention_2_equals_sdpa(tiny_checkpoint):
     generated = out.sequences[:, 1:] != 1
     torch.testing.assert_close(out.scores[generated], teacher_forced_scores(sdpa, ref, out.sequences)[generated],
                                rtol=0, atol=0.05)
+
+
+def test_the_loader_pins_batches():
+    """DataLoader(pin_memory=True) pins what has a pin_memory method and passes anything else on as it is."""
+    from training.data import Batch
+
+    def collate(rows):
+        ids = torch.tensor(rows).view(-1, 1)
+        return Batch(torch.zeros(len(rows), 3, 8, 8), ids, torch.ones_like(ids), ids, rows, ["k"] * len(rows),
+                     [(8, 8)] * len(rows), [])
+    batch = next(iter(torch.utils.data.DataLoader([1, 2], batch_size=2, collate_fn=collate, pin_memory=True)))
+    assert all(t.is_pinned() for t in (batch.pixel_values, batch.input_ids, batch.attention_mask, batch.labels))
+    assert batch.to(torch.device("cuda")).labels.device.type == "cuda"

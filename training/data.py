@@ -99,9 +99,16 @@ class Batch:
         return len(self.indices)
 
     def to(self, device: torch.device) -> Batch:
-        move = {"device": device, "non_blocking": True}
-        return Batch(self.pixel_values.to(**move), self.input_ids.to(**move), self.attention_mask.to(**move),
-                     self.labels.to(**move), self.indices, self.image_keys, self.image_sizes, self.errors)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) in its pinning thread; an object without this method is passed
+        on unpinned, and the non-blocking copy in `to` would then wait for each batch."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        return Batch(fn(self.pixel_values), fn(self.input_ids), fn(self.attention_mask), fn(self.labels),
+                     self.indices, self.image_keys, self.image_sizes, self.errors)
 
 
 class Collator:
