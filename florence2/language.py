@@ -240,6 +240,8 @@ class LanguageModel(nn.Module):
         """The cross-entropy ("mean" or "sum" over the targets, IGNORE_INDEX left out) of the LM head's logits at h
         (B, T, d) against labels (B, T): of `logits` where the caller has them, else through the
         fused_cross_entropy kernel when it is on."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {reduction!r}")
         if logits is None and "fused_cross_entropy" in self.active_kernels:
             total = kernels.linear_cross_entropy(h, self.shared.weight, self.final_logits_bias, labels, IGNORE_INDEX)
             return total if reduction == "sum" else total / (labels != IGNORE_INDEX).sum()

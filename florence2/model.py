@@ -204,8 +204,6 @@ class Florence2(nn.Module):
                              f"{tuple(decoder_input_ids.shape)}")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False computes the loss alone: give labels")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         encoder_out, encoder_mask = self.encode(input_ids, attention_mask, pixel_values, vision_features)
         h = self.decode_hidden(decoder_input_ids, encoder_out, encoder_mask)
         logits = self.language_model.logits(h) if return_logits else None
